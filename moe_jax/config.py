@@ -1,0 +1,192 @@
+"""The model configuration schema, its defaults and its validation.
+
+A model config is an `ml_collections.ConfigDict`. Field names follow the published DeepSeek `config.json`
+names wherever one exists, so a DeepSeek config maps onto it 1:1 (`moe_jax.interop.huggingface`). The fields
+after the "moe_jax" banner are implementation choices of this codebase, not architecture.
+
+This module sits at the bottom of the import graph: it imports nothing from moe_jax.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+SCORING_FUNCS = ("sigmoid", "softmax")
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MOE_DISPATCHES = ("dropless", "capacity")
+GMM_BACKENDS = ("auto", "ragged_dot", "reference")
+HIDDEN_ACTS = ("silu",)
+ROPE_SCALING_TYPES = ("yarn",)
+
+
+def yarn_rope_scaling(
+    factor: float = 40.0,
+    original_max_position_embeddings: int = 4096,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    mscale: float = 1.0,
+    mscale_all_dim: float = 1.0,
+) -> ml_collections.ConfigDict:
+  """A YaRN `rope_scaling` block, as in DeepSeek's published config.json (defaults: DeepSeek-V3's)."""
+  return ml_collections.ConfigDict(
+      dict(
+          type="yarn",  # the only scaling DeepSeek-V2/V3 use
+          factor=float(factor),  # context extension factor s
+          original_max_position_embeddings=int(original_max_position_embeddings),  # pre-extension context
+          beta_fast=float(beta_fast),  # rotations above which a frequency is kept (extrapolated)
+          beta_slow=float(beta_slow),  # rotations below which a frequency is divided by s (interpolated)
+          mscale=float(mscale),  # cos/sin scale numerator: (0.1*mscale*ln s + 1) / (0.1*mscale_all_dim*ln s + 1)
+          mscale_all_dim=float(mscale_all_dim),  # softmax scale is multiplied by (0.1*mscale_all_dim*ln s + 1)^2
+      )
+  )
+
+
+def base_model_config() -> ml_collections.ConfigDict:
+  """Every model field with its default. Defaults are DeepSeek-V3's published architecture."""
+  c = ml_collections.ConfigDict()
+  # --- Architecture (DeepSeek config.json names) -------------------------------------------------------
+  c.vocab_size = 129280  # tokenizer vocabulary size V
+  c.hidden_size = 7168  # model width d
+  c.intermediate_size = 18432  # SwiGLU width of the dense FFN layers
+  c.moe_intermediate_size = 2048  # SwiGLU width of each routed (and each shared) expert
+  c.num_hidden_layers = 61  # transformer blocks in the main model (MTP modules not counted)
+  c.num_attention_heads = 128  # attention heads n_h
+  c.q_lora_rank = 1536  # query compression rank d_c'; None = plain query projection (V2-Lite)
+  c.kv_lora_rank = 512  # joint key-value latent rank d_c (the cached c_KV)
+  c.qk_nope_head_dim = 128  # per-head query/key dims without RoPE, d_h
+  c.qk_rope_head_dim = 64  # decoupled RoPE dims d_h^R (one key shared by all heads); must be even
+  c.v_head_dim = 128  # per-head value dims
+  c.n_routed_experts = 256  # routed experts N_r per MoE layer
+  c.n_shared_experts = 1  # shared experts N_s per MoE layer (fused into one SwiGLU of N_s x width)
+  c.num_experts_per_tok = 8  # routed experts per token K_r
+  c.first_k_dense_replace = 3  # the first k layers use a dense FFN instead of MoE
+  c.moe_layer_freq = 1  # every layer from first_k_dense_replace on is MoE (only 1 is supported)
+  c.n_group = 8  # expert groups for group-limited routing (V3: one group per node)
+  c.topk_group = 4  # groups kept per token (V3: at most 4 nodes per token)
+  c.topk_method = "noaux_tc"  # noaux_tc (V3: biased selection, group score = top-2 sum) | greedy | group_limited_greedy (V2)
+  c.scoring_func = "sigmoid"  # expert affinity: sigmoid (V3) | softmax (V2)
+  c.norm_topk_prob = True  # normalise the K gating weights to sum to 1
+  c.routed_scaling_factor = 2.5  # gating weights are multiplied by this after normalisation
+  c.aux_loss_alpha = 0.0001  # weight alpha of the complementary balance loss (V3 eq. 17-20)
+  c.seq_aux = True  # balance loss per sequence (V3) rather than per batch
+  c.num_nextn_predict_layers = 1  # MTP depth D (0 = no MTP modules)
+  c.hidden_act = "silu"  # SwiGLU activation
+  c.rms_norm_eps = 1e-6  # epsilon of the block and final RMSNorms
+  c.rope_theta = 10000.0  # RoPE base
+  c.rope_scaling = yarn_rope_scaling()  # YaRN block, or None for plain RoPE
+  c.rope_interleave = True  # DeepSeek checkpoints rotate interleaved pairs (x0,x1),(x2,x3),...
+  c.max_position_embeddings = 163840  # longest context the model is meant for (informational)
+  c.tie_word_embeddings = False  # share the input embedding with the output head
+  c.attention_bias = False  # biases on attention projections (not supported: DeepSeek has none)
+  c.initializer_range = 0.006  # std of the normal initialiser of all matrices
+  # --- moe_jax implementation choices --------------------------------------------------------------------
+  c.dtype = "float32"  # compute dtype of activations and matmuls (params are param_dtype)
+  c.param_dtype = "float32"  # storage dtype of the parameters
+  c.scan_layers = False  # nn.scan over identical layers: faster compiles, params stacked on a 'layers' axis
+  c.remat_policy = "none"  # activation checkpointing per block: none | full | dots | dots_no_batch
+  c.moe_dispatch = "dropless"  # dropless (sort + grouped matmul) | capacity (GShard token dropping baseline)
+  c.capacity_factor = 1.25  # with capacity dispatch: slots per expert = ceil(factor * tokens * K / N_r)
+  c.gmm_backend = "auto"  # grouped matmul backend, see moe_jax.kernels.BACKENDS
+  return c
+
+
+def _require(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ValueError(f"invalid model config: {msg}")
+
+
+def _positive_int(c: Any, name: str) -> None:
+  v = c[name]
+  _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive integer, got {v!r}")
+
+
+def _one_of(c: Any, name: str, allowed: tuple[str, ...]) -> None:
+  _require(c[name] in allowed, f"{name}={c[name]!r} is not one of {allowed}")
+
+
+def validate_model_config(c: Any) -> None:
+  """Raises ValueError naming the field and the constraint for every impossible combination.
+
+  Runs in `Transformer.__post_init__`, i.e. before anything is traced or compiled.
+  """
+  unknown = set(c.keys()) - set(base_model_config().keys())
+  _require(not unknown, f"unknown fields {sorted(unknown)}; the schema is moe_jax.config.base_model_config()")
+  for name in (
+      "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+      "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+      "n_routed_experts", "num_experts_per_tok", "n_group", "topk_group", "moe_layer_freq",
+  ):  # fmt: skip
+    _positive_int(c, name)
+  if c.q_lora_rank is not None:
+    _positive_int(c, "q_lora_rank")
+  for name in ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+    v = c[name]
+    _require(isinstance(v, int) and v >= 0, f"{name} must be a non-negative integer, got {v!r}")
+  _require(c.first_k_dense_replace <= c.num_hidden_layers,
+           f"first_k_dense_replace={c.first_k_dense_replace} exceeds num_hidden_layers={c.num_hidden_layers}")
+  _require(c.moe_layer_freq == 1, f"moe_layer_freq={c.moe_layer_freq}: only 1 is supported (every layer after "
+           "first_k_dense_replace is MoE, as in all DeepSeek-V2/V3 releases)")
+  _require(c.qk_rope_head_dim % 2 == 0, f"qk_rope_head_dim={c.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+  _one_of(c, "scoring_func", SCORING_FUNCS)
+  _one_of(c, "topk_method", TOPK_METHODS)
+  _one_of(c, "hidden_act", HIDDEN_ACTS)
+  _one_of(c, "dtype", DTYPES)
+  _one_of(c, "param_dtype", DTYPES)
+  _one_of(c, "remat_policy", REMAT_POLICIES)
+  _one_of(c, "moe_dispatch", MOE_DISPATCHES)
+  _one_of(c, "gmm_backend", GMM_BACKENDS)
+  _require(not c.attention_bias, "attention_bias=True is not supported (no DeepSeek release uses it)")
+  _require(c.num_experts_per_tok <= c.n_routed_experts,
+           f"num_experts_per_tok={c.num_experts_per_tok} > n_routed_experts={c.n_routed_experts}")
+  _require(c.n_routed_experts % c.n_group == 0,
+           f"n_routed_experts={c.n_routed_experts} is not divisible by n_group={c.n_group}")
+  _require(c.topk_group <= c.n_group, f"topk_group={c.topk_group} > n_group={c.n_group}")
+  if c.topk_method in ("noaux_tc", "group_limited_greedy"):
+    per_group = c.n_routed_experts // c.n_group
+    _require(c.topk_group * per_group >= c.num_experts_per_tok,
+             f"topk_group={c.topk_group} groups of {per_group} experts (n_routed_experts/n_group) hold "
+             f"{c.topk_group * per_group} selectable experts < num_experts_per_tok={c.num_experts_per_tok}")
+    if c.topk_method == "noaux_tc":
+      _require(per_group >= 2 or c.n_group == 1,
+               f"noaux_tc scores a group by its top-2 experts: n_routed_experts/n_group={per_group} must be >= 2")
+  _require(c.routed_scaling_factor > 0, f"routed_scaling_factor={c.routed_scaling_factor} must be > 0")
+  _require(c.aux_loss_alpha >= 0, f"aux_loss_alpha={c.aux_loss_alpha} must be >= 0")
+  _require(c.rms_norm_eps > 0, f"rms_norm_eps={c.rms_norm_eps} must be > 0")
+  _require(c.rope_theta > 0, f"rope_theta={c.rope_theta} must be > 0")
+  _require(c.capacity_factor > 0, f"capacity_factor={c.capacity_factor} must be > 0")
+  rs = c.rope_scaling
+  if rs is not None:
+    _require(rs.get("type") in ROPE_SCALING_TYPES,
+             f"rope_scaling.type={rs.get('type')!r} is not one of {ROPE_SCALING_TYPES}")
+    for name in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
+      _require(name in rs and rs[name] is not None and rs[name] > 0, f"rope_scaling.{name} must be > 0")
+    _require(rs.beta_fast > rs.beta_slow, f"rope_scaling.beta_fast={rs.beta_fast} must exceed beta_slow={rs.beta_slow}")
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+  """YaRN's attention temperature 0.1*mscale*ln(s) + 1 (1 when s <= 1), as DeepSeek's code computes it."""
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def softmax_scale(c: Any) -> float:
+  """1/sqrt(d_h + d_h^R), times mscale(s, mscale_all_dim)^2 under YaRN (DeepSeek-V2 report sec. 2.1; official code)."""
+  scale = (c.qk_nope_head_dim + c.qk_rope_head_dim) ** -0.5
+  rs = c.rope_scaling
+  if rs is not None and rs.get("mscale_all_dim"):
+    m = yarn_mscale(rs.factor, rs.mscale_all_dim)
+    scale *= m * m
+  return scale
+
+
+def n_moe_layers(c: Any) -> int:
+  return c.num_hidden_layers - c.first_k_dense_replace
+
+
+def mtp_block_is_moe(c: Any) -> bool:
+  """MTP block k sits at layer index num_hidden_layers + k - 1 in the checkpoint, so it is MoE like the deep layers."""
+  return c.num_hidden_layers >= c.first_k_dense_replace

@@ -1,0 +1,1 @@
+"""Interop with the published DeepSeek-V2/V3 checkpoint format (config.json + safetensors)."""

@@ -1,0 +1,77 @@
+"""DeepSeek-V2/V3 `config.json` <-> moe_jax model ConfigDict.
+
+Fields with the same name copy over 1:1. The differences handled here:
+- RoPE: published configs write `rope_theta` plus `rope_scaling` ({"type": "yarn", ...}); transformers >= 5
+  writes `rope_parameters` ({"rope_type": ..., "rope_theta": ..., ...}). Both are read.
+- transformers' V3 config may call the MTP depth `num_mtp_layers`; V2 configs leave `n_group`/`topk_group`
+  empty (no grouping) and have no `scoring_func` (V2 is softmax) nor `rope_interleave` (V2 always interleaves).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from moe_jax.config import base_model_config, yarn_rope_scaling
+
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# Fields that are architecture (copied from config.json); the rest of the schema is moe_jax's own.
+_ARCH_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace", "moe_layer_freq",
+    "n_group", "topk_group", "topk_method", "scoring_func", "norm_topk_prob", "routed_scaling_factor",
+    "aux_loss_alpha", "seq_aux", "num_nextn_predict_layers", "hidden_act", "rms_norm_eps", "rope_interleave",
+    "max_position_embeddings", "tie_word_embeddings", "attention_bias", "initializer_range",
+)  # fmt: skip
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, Any]:
+  params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type in (None, "default"):
+    return float(theta), None
+  if rope_type != "yarn":
+    raise ValueError(f"config.json rope type {rope_type!r} is not supported (DeepSeek uses 'yarn' or none)")
+  return float(theta), yarn_rope_scaling(
+      factor=params["factor"],
+      original_max_position_embeddings=params["original_max_position_embeddings"],
+      beta_fast=params.get("beta_fast") or 32.0,
+      beta_slow=params.get("beta_slow") or 1.0,
+      mscale=params.get("mscale") or 0.0,
+      mscale_all_dim=params.get("mscale_all_dim") or 0.0,
+  )
+
+
+def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
+  """A moe_jax model config from a parsed DeepseekV2/V3 config.json."""
+  model_type = hf.get("model_type")
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"config.json model_type={model_type!r} is not one of {MODEL_TYPES}")
+  c = base_model_config()
+  v2 = model_type == "deepseek_v2"
+  # V2 defaults where its config.json is silent.
+  if v2:
+    c.scoring_func, c.topk_method, c.norm_topk_prob, c.routed_scaling_factor = "softmax", "greedy", False, 1.0
+    c.num_nextn_predict_layers, c.first_k_dense_replace, c.aux_loss_alpha = 0, 0, 0.001
+  hf = dict(hf)
+  if "num_nextn_predict_layers" not in hf and "num_mtp_layers" in hf:
+    hf["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+  for name in _ARCH_FIELDS:
+    if hf.get(name) is not None:
+      c[name] = type(c[name])(hf[name]) if c[name] is not None and not isinstance(c[name], bool) else hf[name]
+  if hf.get("q_lora_rank") is None:
+    c.q_lora_rank = None
+  if hf.get("n_group") is None:
+    c.n_group, c.topk_group = 1, 1
+  if v2:
+    c.rope_interleave = True
+  c.rope_theta, c.rope_scaling = _rope_from_hf(hf)
+  return c
+
+
+def fp8_block_size(hf: dict) -> tuple[int, int]:
+  q = hf.get("quantization_config") or {}
+  return tuple(q.get("weight_block_size") or (128, 128))

@@ -1,0 +1,135 @@
+"""The tensor layout of DeepSeek-V2/V3 checkpoints (HF names) and how each maps onto moe_jax parameters.
+
+`checkpoint_layout(cfg)` returns {hf_key: HFTensor}. An HFTensor knows its HF shape and how to cut the
+(torch-layout, [out, in]) array into moe_jax parameters: a list of (param path, index into a stacked leading
+axis or (), array). Loading iterates the checkpoint through this table; missing and unexpected names fall out
+of comparing key sets. Layer i is `dense_layers[_i]` for i < first_k_dense_replace, else `moe_layers[_j]`;
+MTP module k is checkpoint layer `num_hidden_layers + k`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from moe_jax.config import mtp_block_is_moe
+
+Assignment = tuple[tuple[str, ...], tuple[int, ...], np.ndarray]
+
+
+@dataclass(frozen=True)
+class HFTensor:
+  shape: tuple[int, ...]
+  assign: Callable[[np.ndarray], list[Assignment]]
+  quantizable: bool = False  # a 2-D projection that the FP8 release stores with weight_scale_inv
+
+
+def _linear(path, index=()):
+  """torch Linear weight [out, in] -> kernel [in, out]."""
+  return lambda w: [(path, index, w.T)]
+
+
+def _vector(path, index=()):
+  return lambda w: [(path, index, w)]
+
+
+def _split_heads(path_a, path_b, heads, dim_a, index=()):
+  """[H*(a+b), in] -> ([in, H, a], [in, H, b])."""
+  def f(w):
+    w = w.T.reshape(w.shape[1], heads, -1)
+    return [(path_a, index, w[:, :, :dim_a]), (path_b, index, w[:, :, dim_a:])]
+  return f
+
+
+def _split_cols(path_a, path_b, dim_a, index=()):
+  """[a+b, in] -> ([in, a], [in, b])."""
+  return lambda w: [(path_a, index, w[:dim_a].T), (path_b, index, w[dim_a:].T)]
+
+
+def _block_layout(cfg: Any, hf_prefix: str, prefix: tuple[str, ...], idx: tuple[int, ...], is_moe: bool) -> dict:
+  H, N, R, V, D = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.hidden_size
+  C, E, F = cfg.kv_lora_rank, cfg.n_routed_experts, cfg.moe_intermediate_size
+  a = prefix + ("attn",)
+  t = {
+      "input_layernorm.weight": HFTensor((D,), _vector(prefix + ("attn_norm", "scale"), idx)),
+      "post_attention_layernorm.weight": HFTensor((D,), _vector(prefix + ("ffn_norm", "scale"), idx)),
+      "self_attn.kv_a_proj_with_mqa.weight": HFTensor(
+          (C + R, D), _split_cols(a + ("w_dkv",), a + ("w_kr",), C, idx), True),
+      "self_attn.kv_a_layernorm.weight": HFTensor((C,), _vector(a + ("kv_norm", "scale"), idx)),
+      "self_attn.kv_b_proj.weight": HFTensor(
+          (H * (N + V), C), _split_heads(a + ("w_uk",), a + ("w_uv",), H, N, idx), True),
+      "self_attn.o_proj.weight": HFTensor(
+          (D, H * V), lambda w: [(a + ("wo",), idx, w.T.reshape(H, V, D))], True),
+  }
+  if cfg.q_lora_rank is not None:
+    Q = cfg.q_lora_rank
+    t["self_attn.q_a_proj.weight"] = HFTensor((Q, D), _linear(a + ("wq_a",), idx), True)
+    t["self_attn.q_a_layernorm.weight"] = HFTensor((Q,), _vector(a + ("q_norm", "scale"), idx))
+    t["self_attn.q_b_proj.weight"] = HFTensor(
+        (H * (N + R), Q), _split_heads(a + ("wq_b_nope",), a + ("wq_b_rope",), H, N, idx), True)
+  else:
+    t["self_attn.q_proj.weight"] = HFTensor(
+        (H * (N + R), D), _split_heads(a + ("wq_nope",), a + ("wq_rope",), H, N, idx), True)
+  if not is_moe:
+    m, Fd = prefix + ("mlp",), cfg.intermediate_size
+    t["mlp.gate_proj.weight"] = HFTensor((Fd, D), _linear(m + ("wi_gate",), idx), True)
+    t["mlp.up_proj.weight"] = HFTensor((Fd, D), _linear(m + ("wi_up",), idx), True)
+    t["mlp.down_proj.weight"] = HFTensor((D, Fd), _linear(m + ("wo",), idx), True)
+  else:
+    m = prefix + ("moe",)
+    t["mlp.gate.weight"] = HFTensor((E, D), _linear(m + ("router", "kernel"), idx))
+    if cfg.topk_method == "noaux_tc":
+      t["mlp.gate.e_score_correction_bias"] = HFTensor((E,), _vector(m + ("router", "e_score_correction_bias"), idx))
+    for e in range(E):
+      ex = f"mlp.experts.{e}."
+      t[ex + "gate_proj.weight"] = HFTensor((F, D), _linear(m + ("wi_gate",), idx + (e,)), True)
+      t[ex + "up_proj.weight"] = HFTensor((F, D), _linear(m + ("wi_up",), idx + (e,)), True)
+      t[ex + "down_proj.weight"] = HFTensor((D, F), _linear(m + ("wo",), idx + (e,)), True)
+    if cfg.n_shared_experts > 0:
+      s, Fs = m + ("shared_experts",), F * cfg.n_shared_experts
+      t["mlp.shared_experts.gate_proj.weight"] = HFTensor((Fs, D), _linear(s + ("wi_gate",), idx), True)
+      t["mlp.shared_experts.up_proj.weight"] = HFTensor((Fs, D), _linear(s + ("wi_up",), idx), True)
+      t["mlp.shared_experts.down_proj.weight"] = HFTensor((D, Fs), _linear(s + ("wo",), idx), True)
+  return {hf_prefix + k: v for k, v in t.items()}
+
+
+def checkpoint_layout(cfg: Any, num_mtp: int | None = None) -> dict[str, HFTensor]:
+  """Every tensor a DeepSeek-V2/V3 checkpoint of this config holds (with `num_mtp` MTP layers, default the config's)."""
+  V, D, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
+  num_mtp = cfg.num_nextn_predict_layers if num_mtp is None else num_mtp
+  t = {
+      "model.embed_tokens.weight": HFTensor((V, D), _vector(("embedding",))),
+      "model.norm.weight": HFTensor((D,), _vector(("final_norm", "scale"))),
+  }
+  if not cfg.tie_word_embeddings:
+    t["lm_head.weight"] = HFTensor((V, D), _linear(("lm_head",)))
+  for i in range(L):
+    is_moe = i >= cfg.first_k_dense_replace
+    group, j = ("moe_layers", i - cfg.first_k_dense_replace) if is_moe else ("dense_layers", i)
+    prefix, idx = ((group,), (j,)) if cfg.scan_layers else ((f"{group}_{j}",), ())
+    t.update(_block_layout(cfg, f"model.layers.{i}.", prefix, idx, is_moe))
+  for k in range(num_mtp):
+    hp, p = f"model.layers.{L + k}.", (f"mtp_{k}",)
+    t.update(_block_layout(cfg, hp, p + ("block",), (), mtp_block_is_moe(cfg)))
+    t[hp + "enorm.weight"] = HFTensor((D,), _vector(p + ("enorm", "scale")))
+    t[hp + "hnorm.weight"] = HFTensor((D,), _vector(p + ("hnorm", "scale")))
+    t[hp + "eh_proj.weight"] = HFTensor((D, 2 * D), _linear(p + ("eh_proj",)), True)
+    t[hp + "shared_head.norm.weight"] = HFTensor((D,), _vector(p + ("head_norm", "scale")))
+    # The MTP layer stores its own copies of the embedding and head; moe_jax shares the main model's.
+    t[hp + "embed_tokens.weight"] = HFTensor((V, D), lambda w: [])
+    t[hp + "shared_head.head.weight"] = HFTensor((V, D), lambda w: [])
+  return t
+
+
+def mtp_layers_present(keys, cfg: Any) -> int:
+  """How many MTP layers (checkpoint layers >= num_hidden_layers) the keys hold."""
+  L = cfg.num_hidden_layers
+  found = set()
+  for k in keys:
+    if k.startswith("model.layers."):
+      i = int(k.split(".")[2])
+      if i >= L:
+        found.add(i)
+  return len(found)

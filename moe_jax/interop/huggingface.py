@@ -1,0 +1,115 @@
+"""Load DeepSeek-V2/V3 checkpoints in the published (HF) format: config.json + safetensors.
+
+    model_config, params = moe_jax.interop.huggingface.load("/path/to/DeepSeek-V3", dtype=jnp.bfloat16)
+    logits, aux = Transformer(model_config).apply({"params": params}, tokens)
+
+Handles single-file and sharded (`model.safetensors.index.json`) checkpoints, the V3 release's FP8 e4m3 weights
+with 128x128-block `weight_scale_inv` (dequantised on load), per-expert tensors, the MTP layer stored as layer
+`num_hidden_layers`, and rope settings under `rope_scaling` or `rope_parameters`. Tensors are read one at a time
+(memory-mapped) into preallocated parameter buffers, so the checkpoint is never held twice in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from moe_jax.interop.hf_config import fp8_block_size, model_config_from_hf
+from moe_jax.interop.hf_layout import checkpoint_layout, mtp_layers_present
+from moe_jax.interop.safetensors_io import SafetensorsCheckpoint, dequantize_fp8_blockwise
+from moe_jax.model.params import param_shapes
+
+log = logging.getLogger(__name__)
+_SCALE_SUFFIX = "_scale_inv"  # FP8 release: "<name>.weight" + "<name>.weight_scale_inv"
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some exporters write; recomputed from the config
+
+
+def _name_list(names, limit: int = 12) -> str:
+  names = sorted(names)
+  more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
+
+
+def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> tuple[Any, dict]:
+  """Returns (model_config, params) for a DeepseekV2ForCausalLM / DeepseekV3ForCausalLM checkpoint directory.
+
+  dtype: the parameters' storage and compute dtype (routers stay float32). scan_layers: stack identical layers
+  for `nn.scan`. If config.json announces MTP layers that the checkpoint does not hold (transformers neither
+  builds nor saves them), the model is loaded with MTP off and a warning; any other missing or unexpected
+  tensor raises ValueError naming them.
+  """
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"no config.json in {path!r}")
+  with open(config_path) as f:
+    hf = json.load(f)
+  cfg = model_config_from_hf(hf)
+  cfg.scan_layers = scan_layers
+  cfg.dtype = cfg.param_dtype = jnp.dtype(dtype).name
+  ckpt = SafetensorsCheckpoint(path)
+  keys = set(ckpt.keys())
+
+  n_mtp = mtp_layers_present(keys, cfg)
+  if cfg.num_nextn_predict_layers and n_mtp == 0:
+    warnings.warn(f"{path}: config.json announces num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the "
+                  "checkpoint holds no MTP layer; loading the main model with MTP off", stacklevel=2)
+    cfg.num_nextn_predict_layers = 0
+  elif n_mtp != cfg.num_nextn_predict_layers:
+    raise ValueError(f"{path}: checkpoint holds {n_mtp} layers past num_hidden_layers={cfg.num_hidden_layers}, "
+                     f"config.json says num_nextn_predict_layers={cfg.num_nextn_predict_layers}")
+
+  layout = checkpoint_layout(cfg)
+  scales = {k for k in keys if k.endswith(_SCALE_SUFFIX)}
+  data = {k for k in keys - scales if not k.endswith(_IGNORED_SUFFIXES)}
+  missing = layout.keys() - data
+  unexpected = (data - layout.keys()) | {k for k in scales if k[: -len(_SCALE_SUFFIX)] not in layout}
+  if missing or unexpected:
+    raise ValueError(f"{path}: checkpoint does not match its config.json.\n  missing ({len(missing)}): "
+                     f"{_name_list(missing)}\n  unexpected ({len(unexpected)}): {_name_list(unexpected)}")
+
+  targets = flatten_dict(param_shapes(cfg))
+  buffers: dict[tuple[str, ...], np.ndarray] = {}
+  filled = dict.fromkeys(targets, 0)
+  block = fp8_block_size(hf)
+  order = [k for k in ckpt.keys() if k in layout]  # file order: sequential reads
+  t0, next_report = time.time(), 0.1
+  for n_done, key in enumerate(order, 1):
+    spec = layout[key]
+    w = ckpt.get(key)
+    if w.shape != spec.shape:
+      raise ValueError(f"{key}: shape {w.shape} in the checkpoint, {spec.shape} expected from config.json")
+    if key + _SCALE_SUFFIX in keys:
+      w = dequantize_fp8_blockwise(w, np.asarray(ckpt.get(key + _SCALE_SUFFIX)), block)
+    elif w.dtype in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2):
+      raise ValueError(f"{key} is FP8 but has no {key + _SCALE_SUFFIX}")
+    for ppath, index, arr in spec.assign(w):
+      if ppath not in targets:
+        raise ValueError(f"{key} maps to parameter {'/'.join(ppath)}, which the model does not have")
+      if ppath not in buffers:
+        buffers[ppath] = np.empty(targets[ppath].shape, targets[ppath].dtype)
+      dest = buffers[ppath][index] if index else buffers[ppath]
+      if arr.shape != dest.shape:
+        raise ValueError(f"{key} -> {'/'.join(ppath)}{list(index)}: shape {arr.shape} != {dest.shape}")
+      buffers[ppath][index if index else ...] = arr.astype(targets[ppath].dtype)
+      filled[ppath] += arr.size
+    if n_done / len(order) >= next_report:
+      log.info("loaded %d/%d tensors (%.0f s)", n_done, len(order), time.time() - t0)
+      next_report += 0.1
+  unfilled = [p for p, n in filled.items() if n != int(np.prod(targets[p].shape, dtype=np.int64))]
+  if unfilled:
+    raise ValueError(f"{path}: parameters not (fully) covered by the checkpoint: "
+                     f"{_name_list('/'.join(p) for p in unfilled)}")
+  params = {}
+  for p in list(buffers):  # hand buffers to JAX one at a time, freeing each host copy
+    params[p] = jax.device_put(buffers.pop(p))
+  return cfg, unflatten_dict(params)

@@ -1,0 +1,94 @@
+"""Reading safetensors checkpoints tensor by tensor, FP8 and bfloat16 included.
+
+safetensors' own numpy backend cannot decode BF16 or F8_E4M3 (numpy has neither dtype), and the torch backend
+would make torch a runtime dependency, so the (simple, documented) format is read here: an 8-byte
+little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw bytes. Tensors
+are memory-mapped, so reading one does not load the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def read_header(path: str) -> tuple[dict, int]:
+  """(header without __metadata__, byte offset of the data section)."""
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+  header.pop("__metadata__", None)
+  return header, 8 + n
+
+
+class SafetensorsCheckpoint:
+  """All tensors of a checkpoint directory: `model.safetensors.index.json` (sharded) or every `*.safetensors`."""
+
+  def __init__(self, directory: str):
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+      files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+    if not files:
+      raise FileNotFoundError(f"no *.safetensors files (or model.safetensors.index.json) in {directory!r}")
+    self._where: dict[str, tuple[str, dict, int]] = {}
+    for name in files:
+      path = os.path.join(directory, name)
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is listed in the index but missing")
+      header, data_start = read_header(path)
+      for key, info in header.items():
+        self._where[key] = (path, info, data_start)
+
+  def keys(self) -> list[str]:
+    return list(self._where)
+
+  def __contains__(self, key: str) -> bool:
+    return key in self._where
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(self._where[key][1]["shape"])
+
+  def get(self, key: str) -> np.ndarray:
+    """The tensor, memory-mapped read-only (copy it before the file goes away)."""
+    path, info, data_start = self._where[key]
+    if info["dtype"] not in _DTYPES:
+      raise ValueError(f"{key}: safetensors dtype {info['dtype']} is not supported ({sorted(_DTYPES)})")
+    dtype = np.dtype(_DTYPES[info["dtype"]])
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+      raise ValueError(f"{key}: {end - begin} bytes do not hold {shape} of {info['dtype']}")
+    if end == begin:
+      return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
+
+  def items(self) -> Iterator[tuple[str, np.ndarray]]:
+    for key in self._where:
+      yield key, self.get(key)
+
+
+def dequantize_fp8_blockwise(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int] = (128, 128)) -> np.ndarray:
+  """DeepSeek-V3's FP8 release: w (e4m3, [out, in]) times its per-block scale `weight_scale_inv` [ceil(out/bo), ceil(in/bi)]."""
+  out_dim, in_dim = w.shape
+  bo, bi = block
+  expect = (-(-out_dim // bo), -(-in_dim // bi))
+  if scale_inv.shape != expect:
+    raise ValueError(f"weight_scale_inv shape {scale_inv.shape} != {expect} for weight {w.shape} in {block} blocks")
+  full = np.repeat(np.repeat(scale_inv.astype(np.float32), bo, axis=0), bi, axis=1)[:out_dim, :in_dim]
+  return w.astype(np.float32) * full
