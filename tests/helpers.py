@@ -16,11 +16,17 @@ def tiny_config(**overrides):
   return c
 
 
-def init_params(cfg, seed=0, batch=(2, 12)):
-  model = Transformer(cfg)
-  tokens = jnp.zeros(batch, jnp.int32)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)
-  return model, nn.meta.unbox(variables["params"])
+_INIT_CACHE = {}
+
+
+def init_params(cfg, seed=0):
+  """(Transformer(cfg), unboxed params); cached per config so tests share one compile of init."""
+  key = (cfg.to_json(), seed)
+  if key not in _INIT_CACHE:
+    model = Transformer(cfg)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))
+    _INIT_CACHE[key] = nn.meta.unbox(variables["params"])
+  return Transformer(cfg), _INIT_CACHE[key]
 
 
 def to_numpy64(tree):

@@ -82,5 +82,5 @@ def capacity_dispatch(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
   y_PD = jnp.take(out_XD, flat_slot_P, axis=0)
   w_P = weight_TK.T.reshape(-1).astype(f32) * kept_P
   y_TD = jnp.zeros((T, D), f32).at[token_P].add(y_PD * w_P[:, None])
-  dropped = 1.0 - jnp.mean(kept_P.astype(f32))
+  dropped = jnp.sum(~kept_P).astype(f32) / kept_P.size  # exact 0 when nothing is dropped
   return y_TD.astype(dtype), dropped
