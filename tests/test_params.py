@@ -36,8 +36,9 @@ def test_v3_shapes_and_logical_axes():
 
 
 def test_summary_cli_json():
+  pythonpath = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
   out = subprocess.run([sys.executable, "-m", "moe_jax.summary", "--config=configs/deepseek_v3.py", "--json"],
-                       cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ROOT})
+                       cwd=ROOT, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": pythonpath})
   row = json.loads(out.stdout.strip().splitlines()[-1])
   assert row["total_params"] == 671_026_419_200
   assert row["total_params_with_mtp"] > row["total_params"] > row["active_params"]
