@@ -34,9 +34,7 @@ def test_scan_equals_unrolled():
   model, params = init_params(cfg)
   params = random_bias(params)
   scfg = tiny_config(num_hidden_layers=4, scan_layers=True)
-  stacked = {k: v for k, v in params.items() if not k.startswith(("dense_layers_", "moe_layers_"))}
-  for group, n in (("dense_layers", 1), ("moe_layers", 3)):
-    stacked[group] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"{group}_{i}"] for i in range(n)])
+  stacked = _stack(params)
   tokens = _tokens(cfg)
   l1, a1 = jax.jit(model.apply)({"params": params}, tokens)
   l2, a2 = jax.jit(Transformer(scfg).apply)({"params": stacked}, tokens)
