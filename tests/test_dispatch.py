@@ -8,6 +8,7 @@ import pytest
 
 from moe_jax.kernels import BACKENDS, gmm
 from moe_jax.layers.dispatch import capacity_dispatch, dropless_dispatch, expert_capacity
+from numpy_reference import silu
 
 
 def _np_gmm(lhs, rhs, sizes):
@@ -72,8 +73,7 @@ def _np_moe(x, idx, w, wg, wu, wd, keep=None):
       if keep is not None and not keep[t, k]:
         continue
       e = idx[t, k]
-      h = x[t] @ wg[e]
-      out[t] += w[t, k] * ((h / (1 + np.exp(-h)) * (x[t] @ wu[e])) @ wd[e])
+      out[t] += w[t, k] * ((silu(x[t] @ wg[e]) * (x[t] @ wu[e])) @ wd[e])
   return out
 
 

@@ -97,10 +97,10 @@ def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> t
         raise ValueError(f"{key} maps to parameter {'/'.join(ppath)}, which the model does not have")
       if ppath not in buffers:
         buffers[ppath] = np.empty(targets[ppath].shape, targets[ppath].dtype)
-      dest = buffers[ppath][index] if index else buffers[ppath]
+      dest = buffers[ppath][index]  # index () selects the whole array
       if arr.shape != dest.shape:
         raise ValueError(f"{key} -> {'/'.join(ppath)}{list(index)}: shape {arr.shape} != {dest.shape}")
-      buffers[ppath][index if index else ...] = arr.astype(targets[ppath].dtype)
+      dest[...] = arr.astype(targets[ppath].dtype)
       filled[ppath] += arr.size
     if n_done / len(order) >= next_report:
       log.info("loaded %d/%d tensors (%.0f s)", n_done, len(order), time.time() - t0)

@@ -49,8 +49,8 @@ def dropless_dispatch(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
   return y_TD.astype(x_TD.dtype)
 
 
-def expert_capacity(num_tokens: int, cfg_k: int, num_experts: int, capacity_factor: float) -> int:
-  return max(1, math.ceil(capacity_factor * num_tokens * cfg_k / num_experts))
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+  return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
 def capacity_dispatch(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, capacity_factor: float):
