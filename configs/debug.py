@@ -1,14 +1,19 @@
 """Debug: a tiny DeepSeek-V3-shaped model (every mechanism on: q_lora, YaRN, group-limited sigmoid routing,
-shared experts, a dense first layer, one MTP module) that runs in seconds on CPU."""
+shared experts, a dense first layer, one MTP module) that runs in seconds on CPU, and a matching experiment
+config (byte tokenizer, short rows) for tests, the quickstart notebook and smoke runs:
+
+    python -m moe_jax.train --config=configs/debug.py --workdir=/tmp/moe_jax_debug
+"""
 
 import ml_collections
 
 from moe_jax.config import base_model_config, yarn_rope_scaling
+from moe_jax.training.config import base_checkpoint_config, base_data_config, base_train_config
 
 
 def get_model_config() -> ml_collections.ConfigDict:
   m = base_model_config()
-  m.vocab_size = 256  # bytes
+  m.vocab_size = 257  # bytes + <bos> (the byte tokenizer)
   m.hidden_size = 64  # model width
   m.intermediate_size = 128  # dense FFN width
   m.moe_intermediate_size = 32  # per-expert width
@@ -34,5 +39,21 @@ def get_model_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  config.seed = 0  # init and data order
   config.model = get_model_config()  # the model (moe_jax.config schema)
+  config.data = base_data_config()  # fields documented in moe_jax.training.config
+  config.data.tokenizer = "byte"  # no tokenizer training
+  config.data.seq_len = 64  # short rows
+  config.data.batch_size = 8  # rows per step
+  config.train = base_train_config()
+  config.train.num_steps = 40  # a smoke run
+  config.train.log_every = 5  # progress cadence
+  config.train.eval_every = 0  # evaluate at the end only
+  config.train.eval_batches = 4  # periodic eval size (when eval_every > 0)
+  config.train.learning_rate = 3e-3  # tiny model, large LR
+  config.train.warmup_steps = 10  # short warm-up
+  config.train.lr_final = 3e-4  # cosine to 10% of peak
+  config.checkpoint = base_checkpoint_config()
+  config.checkpoint.every = 20  # steps between checkpoints
+  config.checkpoint.keep = 2  # newest kept
   return config

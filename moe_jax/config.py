@@ -19,7 +19,7 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCHES = ("dropless", "capacity")
-GMM_BACKENDS = ("auto", "ragged_dot", "reference")
+GMM_BACKENDS = ("auto", "ragged_dot", "tiled", "reference")
 HIDDEN_ACTS = ("silu",)
 ROPE_SCALING_TYPES = ("yarn",)
 

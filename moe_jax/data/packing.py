@@ -1,0 +1,154 @@
+"""Packing tokenised documents into fixed-length rows with segment ids and per-piece positions.
+
+A row of length T holds whole documents back to back; `segment_ids` number them 1, 2, ... within the row (0 marks
+padding) and `positions` restart at 0 for each, so with the model's segment mask no token attends across
+documents. Each document is [<bos>, t_1, ..., t_n]; the loss predicts token i+1 from token i inside a segment,
+so every t_j is a target exactly once.
+
+Rules, in order, for the document at hand (its unplaced remainder):
+  1. it fits in the row's free space: place it whole;
+  2. it would fit in an empty row: pad the row out, emit it, start a new row (short documents are never split);
+  3. it is longer than a row: fill the free space with a piece (if the space is at least MIN_PIECE tokens, else
+     pad), emit the row and continue. The next piece repeats the previous piece's last token as its first, so
+     no target is lost; such documents are counted as split.
+
+`PackIterDataset` wraps this as a Grain IterDataset whose iterator state is (the parent iterator's state before
+the current document, the offset into it, counters): small, JSON-serialisable and exact on restore.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable
+
+import grain
+import numpy as np
+
+MIN_PIECE = 16
+
+
+class Packer:
+  """Builds rows from documents given one at a time; `next_row()` pulls documents through `fetch`."""
+
+  def __init__(self, seq_len: int, fetch: Callable[[], dict | None]):
+    if seq_len < MIN_PIECE:
+      raise ValueError(f"config.data.seq_len={seq_len} must be >= {MIN_PIECE}")
+    self.seq_len, self.fetch = seq_len, fetch
+    self.doc: np.ndarray | None = None  # [<bos>, tokens...] of the current document
+    self.offset = 0  # first token of the current document not yet placed (with the 1-token overlap)
+    self.counters: collections.Counter = collections.Counter()
+
+  def _next_doc(self) -> bool:
+    while True:
+      item = self.fetch()
+      if item is None:
+        return False
+      self.counters["documents_read"] += 1
+      if item["skip"] is not None:
+        self.counters[f"skipped_{item['skip']}"] += 1
+        continue
+      self.doc, self.offset = item["ids"], 0
+      return True
+
+  def next_row(self) -> dict | None:
+    """{"tokens", "segment_ids", "positions"} int32 [T], or None when the documents are exhausted."""
+    T = self.seq_len
+    tokens, segs, pos = np.zeros(T, np.int32), np.zeros(T, np.int32), np.zeros(T, np.int32)
+    fill, seg = 0, 0
+    while fill < T:
+      if self.doc is None and not self._next_doc():
+        break
+      rest = self.doc[self.offset:]
+      space = T - fill
+      if len(rest) <= space:  # rule 1
+        n, done = len(rest), True
+      elif len(rest) <= T and fill > 0:  # rule 2
+        break
+      elif space >= MIN_PIECE or fill == 0:  # rule 3
+        n, done = space, False
+        if self.offset == 0:
+          self.counters["documents_split"] += 1
+      else:
+        break
+      seg += 1
+      tokens[fill:fill + n], segs[fill:fill + n], pos[fill:fill + n] = rest[:n], seg, np.arange(n)
+      fill += n
+      if done:
+        self.doc = None
+      else:
+        self.offset += n - 1  # the next piece starts with this piece's last token (context, not a target)
+    if fill == 0:
+      return None
+    self.counters["rows"] += 1
+    self.counters["padding_tokens"] += T - fill
+    return {"tokens": tokens, "segment_ids": segs, "positions": pos}
+
+
+class _PackIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+    super().__init__(parent)
+    self._doc_state = parent.get_state()  # parent state before the current document was fetched
+    self._packer = Packer(seq_len, self._fetch)
+
+  def _fetch(self):
+    self._doc_state = self._parent.get_state()
+    return next(self._parent, None)
+
+  def __next__(self) -> dict:
+    row = self._packer.next_row()
+    if row is None:
+      raise StopIteration
+    return row
+
+  @property
+  def counters(self) -> dict:
+    return dict(self._packer.counters)
+
+  def get_state(self) -> dict:
+    p = self._packer
+    return {"parent": self._doc_state if p.doc is not None else self._parent.get_state(),
+            "has_doc": p.doc is not None, "offset": int(p.offset), "counters": dict(p.counters)}
+
+  def set_state(self, state: dict) -> None:
+    p = self._packer
+    self._parent.set_state(state["parent"])
+    self._doc_state = state["parent"]
+    p.doc, p.offset = None, 0
+    p.counters = collections.Counter(state["counters"])
+    if state["has_doc"]:
+      item = next(self._parent)
+      p.doc, p.offset = item["ids"], state["offset"]
+
+
+class PackIterDataset(grain.IterDataset):
+  """Rows of `seq_len` packed from a dataset of {"ids": int32 [n] (starting with <bos>), "skip": str | None}."""
+
+  def __init__(self, parent: grain.IterDataset, seq_len: int):
+    super().__init__(parent)
+    self._seq_len = seq_len
+
+  def __iter__(self) -> _PackIterator:
+    return _PackIterator(self._parent.__iter__(), self._seq_len)
+
+  def __str__(self) -> str:
+    return f"PackIterDataset(seq_len={self._seq_len})"
+
+
+def tokenize_fn(tokenizer: Any) -> Callable[[dict], dict]:
+  """Maps a source document to {"ids": [<bos>, ...], "skip", "nbytes"}; pre-tokenised documents pass through."""
+
+  def fn(doc: dict) -> dict:
+    if doc["skip"] is not None:
+      return {"ids": None, "skip": doc["skip"], "nbytes": 0}
+    if doc["tokens"] is not None:
+      ids, nbytes = doc["tokens"], None
+      if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+        return {"ids": None, "skip": "token_out_of_range", "nbytes": 0}
+    else:
+      ids, nbytes = tokenizer.encode(doc["text"]), len(doc["text"])
+      if ids.size == 0:
+        return {"ids": None, "skip": "empty", "nbytes": 0}
+    return {"ids": np.concatenate([[tokenizer.bos_id], ids]).astype(np.int32), "skip": None, "nbytes": nbytes}
+
+  return fn

@@ -1,0 +1,116 @@
+"""Tokenizers that need no downloads: raw bytes, or a byte-level BPE trained locally with `tokenizers`.
+
+Both reserve one id for <bos>, which starts every document so that its first real token is predicted too:
+bits per byte then count every byte of the held-out text exactly once.
+
+  byte  ids 0..255 are the bytes, 256 is <bos>; vocab_size 257
+  bpe   byte-level BPE (GPT-2 style pre-tokenisation, lossless on any UTF-8); <bos> is id 0. Trained on the
+        training split and saved as WORKDIR/tokenizer.json (reused on resume), or loaded from
+        config.data.tokenizer_path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Protocol
+
+import numpy as np
+
+TOKENIZERS = ("byte", "bpe")
+BOS = "<bos>"
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  bos_id: int
+
+  def encode(self, text: bytes) -> np.ndarray: ...
+
+  def decode(self, ids: Iterable[int]) -> bytes: ...
+
+  def decode_token(self, i: int) -> bytes: ...
+
+
+class ByteTokenizer:
+  vocab_size = 257
+  bos_id = 256
+
+  def encode(self, text: bytes) -> np.ndarray:
+    return np.frombuffer(text, np.uint8).astype(np.int32)
+
+  def decode(self, ids: Iterable[int]) -> bytes:
+    return bytes(int(i) for i in ids if 0 <= int(i) < 256)
+
+  def decode_token(self, i: int) -> bytes:
+    return bytes([i]) if 0 <= i < 256 else b""
+
+
+class BPETokenizer:
+  def __init__(self, tokenizer):
+    self._tok = tokenizer
+    self.vocab_size = tokenizer.get_vocab_size()
+    bos = tokenizer.token_to_id(BOS)
+    if bos is None:
+      raise ValueError(f"tokenizer has no {BOS} token; train one with moe_jax.data.tokenizer.train_bpe")
+    self.bos_id = bos
+    self._byte_strings: list[bytes] | None = None
+
+  @classmethod
+  def load(cls, path: str) -> "BPETokenizer":
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+    return cls(HFTokenizer.from_file(path))
+
+  def save(self, path: str) -> None:
+    tmp = path + ".tmp"
+    self._tok.save(tmp)
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a tokenizer behind
+
+  def encode(self, text: bytes) -> np.ndarray:
+    return np.asarray(self._tok.encode(text.decode("utf-8"), add_special_tokens=False).ids, np.int32)
+
+  def encode_batch(self, texts: list[bytes]) -> list[np.ndarray]:
+    encs = self._tok.encode_batch([t.decode("utf-8") for t in texts], add_special_tokens=False)
+    return [np.asarray(e.ids, np.int32) for e in encs]
+
+  def decode(self, ids: Iterable[int]) -> bytes:
+    return b"".join(self.decode_token(int(i)) for i in ids)
+
+  def decode_token(self, i: int) -> bytes:
+    """The exact bytes of one token (a token may hold part of a UTF-8 character, so no text decoding)."""
+    if self._byte_strings is None:
+      inverse = _byte_level_inverse()
+      self._byte_strings = [b"" if t in (None, BOS) else bytes(inverse[ch] for ch in t)
+                            for t in (self._tok.id_to_token(j) for j in range(self.vocab_size))]
+    return self._byte_strings[i]
+
+
+def _byte_level_inverse() -> dict[str, int]:
+  """GPT-2's byte -> printable character table, inverted (what ByteLevel pre-tokenisation maps bytes to)."""
+  printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  chars = printable[:]
+  n = 0
+  for b in range(256):
+    if b not in printable:
+      printable.append(b)
+      chars.append(256 + n)
+      n += 1
+  return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def train_bpe(texts: Iterable[bytes], vocab_size: int) -> BPETokenizer:
+  """A byte-level BPE with `vocab_size` ids (<bos> included) learned from `texts`."""
+  from tokenizers import Tokenizer as HFTokenizer
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  if vocab_size < 257 + 1:
+    raise ValueError(f"config.data.bpe_vocab_size={vocab_size} must be > 257 (256 byte symbols + <bos>)")
+  tok = HFTokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS], show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator((t.decode("utf-8") for t in texts), trainer=trainer)
+  return BPETokenizer(tok)

@@ -1,0 +1,61 @@
+"""The V3 training objective on packed rows (DeepSeek-V3 report eqs. 17-20 and 24-25):
+
+  L = L_main + lambda * L_MTP + sum over MoE layers of L_bal
+
+  L_main   mean over targets of -log p(t_{i+1} | t_<=i): position i predicts token i+1 when both lie in the same
+           document (segment_ids equal and non-zero), so padding and document boundaries are never targets
+  L_MTP    (1/D) sum_k L_MTP^k (eq. 25); depth k (1-based) at position i predicts token i+k+1, a target when
+           token i+k+1 is in position i's document
+  L_bal    the alpha-weighted sequence-wise balance loss each MoE layer returns (main layers and MTP blocks)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def shifted_targets(tokens_BT, segment_ids_BT, shift: int):
+  """(targets [B,T], mask [B,T]): targets[i] = tokens[i + shift], valid when in the same non-padding document."""
+  T = tokens_BT.shape[1]
+  pad = ((0, 0), (0, min(shift, T)))
+  targets_BT = jnp.pad(tokens_BT[:, shift:], pad)[:, :T]
+  target_seg_BT = jnp.pad(segment_ids_BT[:, shift:], pad)[:, :T]
+  mask_BT = (segment_ids_BT != 0) & (target_seg_BT == segment_ids_BT)
+  return targets_BT, mask_BT
+
+
+def token_nll(logits_BTV, targets_BT):
+  """-log softmax(logits)[target], float32 [B, T]."""
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return lse_BT - picked_BT
+
+
+def masked_mean_nll(logits_BTV, tokens_BT, segment_ids_BT, shift: int):
+  """(mean NLL over valid targets, NLL sum, target count, per-token NLL [B,T], mask [B,T])."""
+  targets_BT, mask_BT = shifted_targets(tokens_BT, segment_ids_BT, shift)
+  nll_BT = token_nll(logits_BTV, targets_BT)
+  maskf_BT = mask_BT.astype(jnp.float32)
+  total = jnp.sum(nll_BT * maskf_BT)
+  count = jnp.sum(maskf_BT)
+  return total / jnp.maximum(count, 1.0), total, count, nll_BT, mask_BT
+
+
+def training_loss(logits_BTV, aux: dict, batch: dict, mtp_weight):
+  """(total loss, metrics dict of scalars)."""
+  tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
+  ce, _, count, _, _ = masked_mean_nll(logits_BTV, tokens_BT, seg_BT, 1)
+  balance = jnp.sum(aux["balance_loss"]) + jnp.sum(aux.get("mtp_balance_loss", jnp.zeros(())))
+  total = ce + balance
+  metrics = {"ce": ce, "balance_loss": balance, "target_tokens": count}
+  if "mtp_logits" in aux:
+    D = aux["mtp_logits"].shape[0]
+    mtp = sum(masked_mean_nll(aux["mtp_logits"][k], tokens_BT, seg_BT, k + 2)[0] for k in range(D)) / D
+    total = total + mtp_weight * mtp
+    metrics["mtp_loss"] = mtp
+  else:
+    metrics["mtp_loss"] = jnp.zeros(())
+  metrics["loss"] = total
+  return total, metrics

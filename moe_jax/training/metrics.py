@@ -1,0 +1,76 @@
+"""Metric sinks: WORKDIR/metrics.jsonl (one JSON object per logged step), TensorBoard event files, and a
+one-line progress report on stdout.
+
+On resume, lines for steps after the restored checkpoint (logged before the run died) are removed, so the file
+never holds a step twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+
+def _jsonable(v: Any) -> Any:
+  if isinstance(v, (np.ndarray, np.generic)) or hasattr(v, "__array__"):
+    a = np.asarray(v)
+    return a.item() if a.ndim == 0 else a.tolist()
+  return v
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps the lines whose "step" is <= last_step (atomically)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [ln for ln in f if ln.strip()]
+  kept = []
+  for ln in lines:
+    try:
+      if json.loads(ln)["step"] <= last_step:
+        kept.append(ln)
+    except (json.JSONDecodeError, KeyError):
+      pass  # a line cut by a kill mid-write
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+class MetricWriter:
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict, prefix: str = "") -> None:
+    row = {"step": int(step)} | {prefix + k: _jsonable(v) for k, v in metrics.items()}
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._tb is not None:
+      for k, v in row.items():
+        if k == "step":
+          continue
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(k, v, step)
+        elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+          for i, x in enumerate(v):
+            self._tb.add_scalar(f"{k}/{i}", x, step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def format_eta(seconds: float) -> str:
+  seconds = max(0, int(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"

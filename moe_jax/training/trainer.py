@@ -1,0 +1,169 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Re-running on the same workdir resumes from the newest readable checkpoint (train state + data position), and
+metrics.jsonl is cut back to that step, so a killed-and-resumed run logs exactly the per-step losses of an
+uninterrupted one. At the end the whole validation split is evaluated and WORKDIR/eval.json written, with the
+gzip -9 / xz -9e bits per byte of the same held-out documents beside the model's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from moe_jax.data import BatchLoader, eval_rows, load_or_train_tokenizer, train_rows, validation_texts
+from moe_jax.model import Transformer
+from moe_jax.model.params import count_params
+from moe_jax.training import schedules
+from moe_jax.training.checkpoint import Checkpointer, abstract_like, write_json
+from moe_jax.training.config import validate_config
+from moe_jax.training.evaluate import compressor_bits_per_byte, evaluate, token_byte_lengths
+from moe_jax.training.metrics import MetricWriter, format_eta, truncate_jsonl
+from moe_jax.training.state import create_train_state, make_mesh
+from moe_jax.training.step import make_eval_step, make_train_step
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or gradient norm became non-finite; nothing past the last finite step was saved."""
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = _log) -> dict:
+  """Trains (or resumes) and evaluates; returns the final eval dict (also written to WORKDIR/eval.json)."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  t_start = time.time()
+
+  # Data and tokenizer.
+  tokenizer = load_or_train_tokenizer(config.data, workdir, log)
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ValueError(f"invalid config: the tokenizer has {tokenizer.vocab_size} ids > config.model.vocab_size="
+                     f"{config.model.vocab_size}")
+  pidx, pcount = jax.process_index(), jax.process_count()
+  if config.data.batch_size % pcount:
+    raise ValueError(f"invalid config: config.data.batch_size={config.data.batch_size} is not divisible by the "
+                     f"{pcount} processes")
+  loader = BatchLoader(train_rows(config.data, tokenizer, config.seed, pidx, pcount), config.data.batch_size,
+                       config.data.seq_len)
+  val_rows, val_bytes, val_counters = eval_rows(config.data, tokenizer, pidx, pcount)
+  baselines = compressor_bits_per_byte(validation_texts(config.data))
+  token_bytes = token_byte_lengths(tokenizer)
+  log(f"held-out: {val_counters.get('documents_read', 0)} documents, {val_bytes:,} bytes, {len(val_rows)} rows; "
+      f"gzip -9 {baselines['gzip_bits_per_byte']:.3f} and xz -9e {baselines['xz_bits_per_byte']:.3f} bits/byte")
+
+  # Model and state.
+  model = Transformer(config.model)
+  counts = count_params(config.model)
+  log(f"model: {counts['total_params_with_mtp'] / 1e6:.2f}M parameters ({counts['active_params_with_mtp'] / 1e6:.2f}M "
+      f"activated per token, MTP included); {config.model.n_routed_experts} routed experts, top-"
+      f"{config.model.num_experts_per_tok}; compute {config.model.dtype}, backend {jax.default_backend()}")
+  mesh = make_mesh()
+  state, shardings, tx = create_train_state(model, config.train, mesh, config.seed)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every, config.checkpoint.keep,
+                      config.checkpoint.async_save)
+  restored, start = ckpt.restore_latest(abstract_like(state, shardings), loader, log)
+  writer_path = os.path.join(workdir, "metrics.jsonl")
+  if restored is not None:
+    state = restored
+    log(f"resumed from step {start} ({int(state.tokens):,} tokens seen)")
+  if jax.process_index() == 0:
+    truncate_jsonl(writer_path, start)
+  writer = MetricWriter(workdir, tensorboard=config.train.tensorboard and jax.process_index() == 0)
+
+  run_end = schedules.run_end(config)
+  train_step = make_train_step(model, config, tx, run_end, mesh, shardings)
+  eval_step = make_eval_step(model, mesh, shardings)
+  num_steps, T = config.train.num_steps, config.data.seq_len
+  tokens_seen = int(state.tokens)
+  window_t, window_tokens, window_start = time.time(), 0, start
+  pending = None  # (step, metrics) of the previous step: checked one step late so the host never stalls the device
+
+  def check(step_done: int, metrics: dict) -> dict:
+    host = jax.device_get({k: v for k, v in metrics.items() if k not in ("expert_load",)})
+    if not bool(host["finite"]):
+      ckpt.wait()
+      last = ckpt.steps()
+      raise TrainingDiverged(
+          f"non-finite loss at step {step_done} (loss={float(host['loss'])}, grad_norm={float(host['grad_norm'])}); "
+          f"stopped without saving it. Last checkpoint: {last[-1] if last else 'none'}")
+    return host
+
+  def report(step_done: int, metrics: dict) -> None:
+    nonlocal window_t, window_tokens, window_start
+    host = check(step_done, metrics)
+    if step_done % config.train.log_every and step_done != num_steps:
+      return
+    now = time.time()
+    tps = window_tokens / max(now - window_t, 1e-9)
+    steps_left = num_steps - step_done
+    sec_per_step = (now - window_t) / max(step_done - window_start, 1)
+    row = {k: host[k] for k in ("loss", "ce", "mtp_loss", "balance_loss", "learning_rate", "grad_norm", "max_vio",
+                                 "max_vio_per_layer", "mtp_weight", "bias_update_rate", "dropped_fraction")}
+    load = np.asarray(jax.device_get(metrics["expert_load"]))
+    row |= {"tokens_per_sec": tps, "tokens_seen": tokens_seen,
+            "expert_load": (load / np.maximum(load.sum(-1, keepdims=True), 1)).round(5)}
+    if jax.process_index() == 0:
+      writer.write(step_done, row)
+    log(f"step {step_done:>6}/{num_steps} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | mtp {row['mtp_loss']:.4f} | "
+        f"max_vio {row['max_vio']:.3f} | lr {row['learning_rate']:.2e} | {tps:,.0f} tok/s | "
+        f"eta {format_eta(steps_left * sec_per_step)}")
+    window_t, window_tokens, window_start = now, 0, step_done
+
+  for step in range(start, num_steps):
+    rows = schedules.batch_rows(config, step, tokens_seen)
+    batch = loader.next_batch(rows // pcount if pcount > 1 else rows)
+    state, metrics = train_step(state, batch)
+    tokens_seen += rows * T
+    window_tokens += rows * T
+    if pending is not None:
+      report(*pending)
+    pending = (step + 1, metrics)
+    if config.checkpoint.every and (step + 1) % config.checkpoint.every == 0 and step + 1 < num_steps:
+      report(*pending)  # a checkpoint is only written after its step is known to be finite
+      pending = None
+      ckpt.save(step + 1, state, loader)
+    if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < num_steps:
+      ev = evaluate(eval_step, state.params, state.router_bias, val_rows, config.data.batch_size, token_bytes,
+                    config.train.eval_batches)
+      if jax.process_index() == 0:
+        writer.write(step + 1, ev)
+      log(f"eval @ {step + 1}: loss {ev['eval_loss']:.4f} | {ev['bits_per_byte']:.3f} bits/byte "
+          f"(first {config.train.eval_batches} batches) | global max_vio {ev.get('max_vio_global', 0):.3f}")
+  if pending is not None:
+    report(*pending)
+  if start < num_steps:
+    ckpt.save(num_steps, state, loader, force=True)
+  ckpt.close()
+
+  log(f"final evaluation on all {len(val_rows)} held-out rows ...")
+  ev = evaluate(eval_step, state.params, state.router_bias, val_rows, config.data.batch_size, token_bytes)
+  if ev["eval_bytes"] != val_bytes:
+    raise AssertionError(f"bits-per-byte accounting: {ev['eval_bytes']} target bytes != {val_bytes} document bytes")
+  result = {"step": int(state.step), "bits_per_byte": ev["bits_per_byte"],
+            "gzip_bits_per_byte": baselines["gzip_bits_per_byte"], "xz_bits_per_byte": baselines["xz_bits_per_byte"],
+            "eval_loss": ev["eval_loss"], "eval_perplexity": ev["eval_perplexity"], "eval_tokens": ev["eval_tokens"],
+            "eval_bytes": ev["eval_bytes"], "max_vio_global": ev.get("max_vio_global"),
+            "max_vio_global_per_layer": ev.get("max_vio_global_per_layer"), "tokens_seen": tokens_seen,
+            "data": loader.counters(), "wall_seconds_this_run": time.time() - t_start}
+  if jax.process_index() == 0:
+    writer.write(int(state.step), {k: v for k, v in ev.items()}, prefix="final_")
+    write_json(os.path.join(workdir, "eval.json"), result)
+  writer.close()
+  log("")
+  log(f"held-out bits per byte after {result['step']} steps ({ev['eval_bytes']:,} bytes):")
+  log(f"  moe_jax  {result['bits_per_byte']:.3f}")
+  log(f"  gzip -9  {result['gzip_bits_per_byte']:.3f}")
+  log(f"  xz -9e   {result['xz_bits_per_byte']:.3f}")
+  log(f"wrote {os.path.join(workdir, 'eval.json')}")
+  return result

@@ -1,0 +1,72 @@
+"""Times the full train step (forward, backward, AdamW, bias update) of an experiment config per gmm backend.
+
+    python scripts/bench_train_step.py --config=configs/default.py [--backends=tiled,ragged_dot] [--steps=5] [--json]
+
+Prints ms/step, tokens/s and the ratio to the first backend, measured in one run (these machines are noisy:
+compare ratios, not absolute numbers across runs). Random tokens, full rows, the config's batch and length.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from moe_jax.model import Transformer  # noqa: E402
+from moe_jax.training.state import create_train_state, make_mesh  # noqa: E402
+from moe_jax.training.step import make_train_step  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config.")
+_BACKENDS = flags.DEFINE_list("backends", ["tiled", "ragged_dot"], "gmm backends to compare.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per backend (after one compile step).")
+_JSON = flags.DEFINE_bool("json", False, "Print JSON rows instead of a table.")
+
+
+def time_backend(config, backend: str, steps: int) -> dict:
+  config = config.copy_and_resolve_references()
+  config.model.gmm_backend = backend
+  model, mesh = Transformer(config.model), make_mesh()
+  state, shardings, tx = create_train_state(model, config.train, mesh, 0)
+  step = make_train_step(model, config, tx, config.train.num_steps, mesh, shardings)
+  B, T = config.data.batch_size, config.data.seq_len
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(0, config.model.vocab_size, (B, T)).astype(np.int32),
+           "segment_ids": np.ones((B, T), np.int32), "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
+  t0 = time.perf_counter()
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t0) / steps
+  return {"backend": backend, "ms_per_step": 1000 * dt, "tokens_per_sec": B * T / dt, "compile_s": compile_s,
+          "experts": config.model.n_routed_experts, "tokens_per_step": B * T, "device": jax.devices()[0].device_kind,
+          "jax": jax.__version__}
+
+
+def main(argv):
+  del argv
+  rows = [time_backend(_CONFIG.value, b, _STEPS.value) for b in _BACKENDS.value]
+  for r in rows:
+    r["ratio_to_first"] = r["ms_per_step"] / rows[0]["ms_per_step"]
+  if _JSON.value:
+    for r in rows:
+      print(json.dumps(r))
+    return
+  print(f"{'backend':<12} {'ms/step':>9} {'tokens/s':>10} {'ratio':>7} {'compile s':>10}   ({rows[0]['device']}, jax {rows[0]['jax']})")
+  for r in rows:
+    print(f"{r['backend']:<12} {r['ms_per_step']:>9.0f} {r['tokens_per_sec']:>10,.0f} {r['ratio_to_first']:>7.2f} {r['compile_s']:>10.1f}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,231 @@
+"""The train step and the loop: one compile, state donation, non-finite handling, end-to-end runs with
+eval.json and metrics.jsonl, checkpoint fallback, kill -9 and resume with identical losses, and loss-free
+balancing lowering MaxVio."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import debug
+from moe_jax.data import BatchLoader, ByteTokenizer, train_rows
+from moe_jax.model import Transformer
+from moe_jax.training import TrainingDiverged, train_and_evaluate
+from moe_jax.training.checkpoint import Checkpointer, abstract_like
+from moe_jax.training.state import batch_sharding, create_train_state, make_mesh
+from moe_jax.training.step import make_train_step, train_step_fn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _corpus(tmp_path, n=40, seed=0):
+  """Small Python-like files copied from the embedded corpus (real code, deterministic choice)."""
+  from moe_jax.data import embedded_corpus_files
+
+  d = tmp_path / "corpus"
+  d.mkdir(exist_ok=True)
+  files = [f for f in embedded_corpus_files() if 2000 < os.path.getsize(f[1]) < 8000][:n]
+  for i, (_, path) in enumerate(files):
+    shutil.copy(path, d / f"f{i:03d}.txt")
+  return str(d) + "/*.txt"
+
+
+def _config(tmp_path, **train):
+  c = debug.get_config()
+  c.data.source = "text"
+  c.data.paths = (_corpus(tmp_path),)
+  c.data.validation_fraction = 0.15
+  c.train.tensorboard = False
+  c.train.log_every = 1
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+def _batches(c, n, tmp_path):
+  loader = BatchLoader(train_rows(c.data, ByteTokenizer(), 0), c.data.batch_size, c.data.seq_len)
+  return [loader.next_batch(rows) for rows in [c.data.batch_size, 3, c.data.batch_size, 5][:n]]
+
+
+def test_train_step_traces_once_moves_bias_by_gamma_and_donates(tmp_path):
+  c = _config(tmp_path, bias_update_rate=0.01)
+  model, mesh = Transformer(c.model), make_mesh()
+  state, shardings, tx = create_train_state(model, c.train, mesh, 0)
+  fn = chex.assert_max_traces(train_step_fn(model, c, tx, c.train.num_steps), n=1)
+  step = jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+                 donate_argnums=(0,))
+  bias0 = jax.tree.map(np.asarray, state.router_bias)
+  params0 = jax.tree.map(np.asarray, state.params)
+  for i, batch in enumerate(_batches(c, 4, tmp_path)):  # live rows vary (batch warm-up padding): same shapes
+    old = state
+    state, m = step(state, batch)
+    assert bool(m["finite"])
+    if i == 0:
+      for k, b in state.router_bias.items():
+        delta = np.asarray(b) - bias0[k]
+        np.testing.assert_allclose(np.abs(delta), 0.01, rtol=1e-5)  # every expert moves by exactly gamma
+        assert len(np.unique(np.sign(delta))) == 2  # some up, some down
+  assert int(state.step) == 4
+  assert float(state.tokens) == (8 + 3 + 8 + 5) * c.data.seq_len
+  moved = jax.tree.map(lambda a, b: not np.allclose(a, b), params0, jax.tree.map(np.asarray, state.params))
+  assert all(jax.tree.leaves(moved)), {k: v for k, v in __import__("flax").traverse_util.flatten_dict(moved, sep="/").items() if not v}
+  # The routing bias never enters the optimiser state.
+  assert "e_score_correction_bias" not in str(jax.tree_util.tree_structure(state.opt_state))
+
+
+def test_make_train_step_donates_the_state(tmp_path):
+  c = _config(tmp_path)
+  model, mesh = Transformer(c.model), make_mesh()
+  state, shardings, tx = create_train_state(model, c.train, mesh, 0)
+  step = make_train_step(model, c, tx, c.train.num_steps, mesh, shardings)
+  new, _ = step(state, _batches(c, 1, tmp_path)[0])
+  assert all(a.is_deleted() for a in jax.tree.leaves(state))
+  assert not any(a.is_deleted() for a in jax.tree.leaves(new))
+
+
+def test_non_finite_step_returns_input_state(tmp_path):
+  c = _config(tmp_path)
+  model, mesh = Transformer(c.model), make_mesh()
+  state, shardings, tx = create_train_state(model, c.train, mesh, 0)
+  bad_params = jax.tree.map(lambda a: a, state.params)
+  bad_params["embedding"] = bad_params["embedding"].at[0, 0].set(jnp.nan)
+  state = state.replace(params=bad_params)
+  batch = _batches(c, 1, tmp_path)[0]
+  batch["tokens"][:, :] = 0  # every row reads the NaN embedding row
+  new, m = jax.jit(train_step_fn(model, c, tx, c.train.num_steps))(state, batch)
+  assert not bool(m["finite"])
+  assert int(new.step) == 0
+  chex.assert_trees_all_equal(new.router_bias, state.router_bias)
+
+
+def test_train_and_evaluate_end_to_end_then_resume_is_a_no_op(tmp_path):
+  c = _config(tmp_path, num_steps=12, eval_every=6, eval_batches=2)
+  c.checkpoint.every = 5
+  work = str(tmp_path / "work")
+  logs = []
+  result = train_and_evaluate(c, work, log=logs.append)
+  ev = json.load(open(os.path.join(work, "eval.json")))
+  for key in ("bits_per_byte", "gzip_bits_per_byte", "xz_bits_per_byte", "step"):
+    assert key in ev
+  assert ev["step"] == 12 and 0 < ev["bits_per_byte"] < 8.5 and 1.0 < ev["gzip_bits_per_byte"] < 8
+  assert any("gzip -9" in line for line in logs) and any("eta" in line for line in logs)
+  rows = [json.loads(l) for l in open(os.path.join(work, "metrics.jsonl"))]
+  train_rows_ = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows_] == list(range(1, 13))
+  for key in ("loss", "ce", "mtp_loss", "balance_loss", "learning_rate", "grad_norm", "tokens_per_sec", "max_vio",
+              "max_vio_per_layer", "expert_load"):
+    assert key in train_rows_[0], key
+  assert len(train_rows_[0]["expert_load"]) == 3  # 2 MoE layers + the MTP block
+  np.testing.assert_allclose(np.sum(train_rows_[0]["expert_load"], axis=1), 1.0, atol=1e-3)
+  assert any("eval_loss" in r and r["step"] == 6 for r in rows)
+  assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["10", "12"]  # keep=2
+  # Same command again: resumes at the end, trains nothing, reports the same numbers.
+  again = train_and_evaluate(c, work, log=lambda _: None)
+  assert again["bits_per_byte"] == pytest.approx(result["bits_per_byte"], rel=1e-6)
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path):
+  c = _config(tmp_path)
+  model, mesh = Transformer(c.model), make_mesh()
+  state, shardings, tx = create_train_state(model, c.train, mesh, 0)
+  loader = BatchLoader(train_rows(c.data, ByteTokenizer(), 0), c.data.batch_size, c.data.seq_len)
+  ck = Checkpointer(str(tmp_path / "ck"), every=1, keep=3)
+  loader.next_batch(8)
+  ck.save(1, state, loader)
+  state2 = state.replace(step=state.step + 1)
+  loader.next_batch(8)
+  ck.save(2, state2, loader)
+  ck.close()
+  # Corrupt step 2: truncate every file of its state.
+  for root, _, files in os.walk(tmp_path / "ck" / "2" / "state"):
+    for f in files:
+      open(os.path.join(root, f), "wb").close()
+  logs = []
+  ck = Checkpointer(str(tmp_path / "ck"), every=1, keep=3)
+  fresh = BatchLoader(train_rows(c.data, ByteTokenizer(), 0), c.data.batch_size, c.data.seq_len)
+  restored, step = ck.restore_latest(abstract_like(state, shardings), fresh, log=logs.append)
+  assert step == 1 and int(restored.step) == 0
+  assert any("unreadable" in l and "/2" in l for l in logs)
+  ref = BatchLoader(train_rows(c.data, ByteTokenizer(), 0), c.data.batch_size, c.data.seq_len)
+  ref.next_batch(8)
+  np.testing.assert_array_equal(fresh.next_batch(8)["tokens"], ref.next_batch(8)["tokens"])
+  ck.close()
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+  c = _config(tmp_path, num_steps=6, learning_rate=1e6, warmup_steps=0, grad_clip_norm=1e30)
+  c.checkpoint.every = 0
+  with pytest.raises(TrainingDiverged, match=r"non-finite loss at step \d+"):
+    train_and_evaluate(c, str(tmp_path / "work"), log=lambda _: None)
+  assert not os.path.exists(tmp_path / "work" / "eval.json")
+
+
+def _train_cmd(work, config_overrides):
+  return [sys.executable, "-m", "moe_jax.train", "--config=configs/debug.py", f"--workdir={work}"] + config_overrides
+
+
+def _losses(work):
+  return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(work, "metrics.jsonl"))) if "loss" in r}
+
+
+def test_kill_and_resume_gives_identical_losses(tmp_path):
+  overrides = ["--config.data.source=text", f"--config.data.paths=('{_corpus(tmp_path)}',)",
+               "--config.data.validation_fraction=0.15", "--config.data.batch_size=16", "--config.data.seq_len=128",
+               "--config.train.num_steps=40", "--config.train.log_every=1", "--config.train.tensorboard=False",
+               "--config.checkpoint.every=4", "--config.checkpoint.keep=2"]
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+  subprocess.run(_train_cmd(ref, overrides), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  proc = subprocess.Popen(_train_cmd(run, overrides), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while time.time() < deadline:  # kill -9 once a few steps past a checkpoint, mid-run
+    if os.path.exists(os.path.join(run, "metrics.jsonl")) and max(_losses(run), default=0) >= 10:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+  assert max(_losses(run)) < 40
+  subprocess.run(_train_cmd(run, overrides), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  a, b = _losses(ref), _losses(run)
+  assert sorted(a) == sorted(b) == list(range(1, 41))
+  assert a == b  # bit-identical per-step losses
+  ea, eb = (json.load(open(os.path.join(w, "eval.json"))) for w in (ref, run))
+  assert ea["bits_per_byte"] == eb["bits_per_byte"]
+
+
+def test_loss_free_balancing_lowers_global_max_vio(tmp_path):
+  """Debug model, same data and seed, with and without the bias update: global MaxVio on held-out data."""
+  results = {}
+  for name, rate in (("off", 0.0), ("loss_free", 0.01)):
+    c = _config(tmp_path, num_steps=60, bias_update_rate=rate, warmup_steps=5)
+    c.model.aux_loss_alpha = 0.0  # isolate the bias: no balance loss in either run
+    c.checkpoint.every = 0
+    results[name] = train_and_evaluate(c, str(tmp_path / name), log=lambda _: None)
+  off, on = results["off"]["max_vio_global"], results["loss_free"]["max_vio_global"]
+  print(f"global MaxVio: balancing off {off:.3f}, loss-free {on:.3f}")
+  assert on < 0.5 * off
+
+
+def test_bfloat16_compute_keeps_float32_params_and_optimizer_state(tmp_path):
+  c = _config(tmp_path)
+  c.model.dtype = "bfloat16"
+  model, mesh = Transformer(c.model), make_mesh()
+  state, shardings, tx = create_train_state(model, c.train, mesh, 0)
+  step = make_train_step(model, c, tx, c.train.num_steps, mesh, shardings)
+  for batch in _batches(c, 2, tmp_path):
+    state, m = step(state, batch)
+    assert bool(m["finite"]) and 3.0 < float(m["ce"]) < 7.0
+  for leaf in jax.tree.leaves((state.params, state.opt_state, state.router_bias)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32
