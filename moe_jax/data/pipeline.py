@@ -102,6 +102,18 @@ def validation_texts(data_cfg: Any) -> list[bytes]:
   return [d["text"] for d in (source[i] for i in range(len(source))) if d["text"] is not None]
 
 
+ROW_KEYS = ("tokens", "segment_ids", "positions")
+
+
+def stack_rows(rows: list[dict], batch_size: int, seq_len: int) -> dict:
+  """[batch_size, seq_len] int32 arrays per key; rows past len(rows) are padding (segment 0)."""
+  batch = {k: np.zeros((batch_size, seq_len), np.int32) for k in ROW_KEYS}
+  for r, row in enumerate(rows):
+    for k in ROW_KEYS:
+      batch[k][r] = row[k]
+  return batch
+
+
 class BatchLoader:
   """Stacks `live_rows` rows into a [batch_size, T] batch (the remaining rows are padding, segment 0).
 
@@ -116,11 +128,7 @@ class BatchLoader:
   def next_batch(self, live_rows: int) -> dict:
     if not 1 <= live_rows <= self.batch_size:
       raise ValueError(f"live_rows={live_rows} not in [1, {self.batch_size}]")
-    batch = {k: np.zeros((self.batch_size, self.seq_len), np.int32) for k in ("tokens", "segment_ids", "positions")}
-    for r in range(live_rows):
-      row = next(self.rows)
-      for k in batch:
-        batch[k][r] = row[k]
+    batch = stack_rows([next(self.rows) for _ in range(live_rows)], self.batch_size, self.seq_len)
     self.state_after_last = self.rows.get_state()
     return batch
 

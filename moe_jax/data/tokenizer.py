@@ -71,10 +71,6 @@ class BPETokenizer:
   def encode(self, text: bytes) -> np.ndarray:
     return np.asarray(self._tok.encode(text.decode("utf-8"), add_special_tokens=False).ids, np.int32)
 
-  def encode_batch(self, texts: list[bytes]) -> list[np.ndarray]:
-    encs = self._tok.encode_batch([t.decode("utf-8") for t in texts], add_special_tokens=False)
-    return [np.asarray(e.ids, np.int32) for e in encs]
-
   def decode(self, ids: Iterable[int]) -> bytes:
     return b"".join(self.decode_token(int(i)) for i in ids)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from moe_jax.data.pipeline import stack_rows
 from moe_jax.training.balancing import max_violation
 
 
@@ -41,12 +42,7 @@ def batches_of(rows: list[dict], batch_size: int, limit: int | None = None):
   n = len(rows) if limit is None else min(len(rows), limit * batch_size)
   T = len(rows[0]["tokens"])
   for start in range(0, n, batch_size):
-    chunk = rows[start:start + batch_size]
-    batch = {k: np.zeros((batch_size, T), np.int32) for k in ("tokens", "segment_ids", "positions")}
-    for r, row in enumerate(chunk):
-      for k in batch:
-        batch[k][r] = row[k]
-    yield batch
+    yield stack_rows(rows[start:start + batch_size], batch_size, T)
 
 
 def evaluate(eval_step, params, bias, rows: list[dict], batch_size: int, token_bytes: np.ndarray,

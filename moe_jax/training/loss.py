@@ -34,13 +34,13 @@ def token_nll(logits_BTV, targets_BT):
 
 
 def masked_mean_nll(logits_BTV, tokens_BT, segment_ids_BT, shift: int):
-  """(mean NLL over valid targets, NLL sum, target count, per-token NLL [B,T], mask [B,T])."""
+  """(mean NLL over valid targets, NLL sum, target count, targets [B,T], mask [B,T])."""
   targets_BT, mask_BT = shifted_targets(tokens_BT, segment_ids_BT, shift)
   nll_BT = token_nll(logits_BTV, targets_BT)
   maskf_BT = mask_BT.astype(jnp.float32)
   total = jnp.sum(nll_BT * maskf_BT)
   count = jnp.sum(maskf_BT)
-  return total / jnp.maximum(count, 1.0), total, count, nll_BT, mask_BT
+  return total / jnp.maximum(count, 1.0), total, count, targets_BT, mask_BT
 
 
 def training_loss(logits_BTV, aux: dict, batch: dict, mtp_weight):

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.training import schedules
 from moe_jax.training.balancing import all_expert_loads, max_violation, merge_router_bias, update_router_bias
-from moe_jax.training.loss import masked_mean_nll, shifted_targets, training_loss
+from moe_jax.training.loss import masked_mean_nll, training_loss
 from moe_jax.training.state import TrainState, batch_sharding
 
 
@@ -75,8 +75,7 @@ def make_eval_step(model: nn.Module, mesh: Mesh, state_shardings):
   def step(params, bias, batch, token_bytes_V):
     logits, aux = model.apply({"params": merge_router_bias(params, bias)}, batch["tokens"],
                               batch["segment_ids"], batch["positions"], mtp=False)
-    _, nll_sum, count, _, mask_BT = masked_mean_nll(logits, batch["tokens"], batch["segment_ids"], 1)
-    targets_BT, _ = shifted_targets(batch["tokens"], batch["segment_ids"], 1)
+    _, nll_sum, count, targets_BT, mask_BT = masked_mean_nll(logits, batch["tokens"], batch["segment_ids"], 1)
     nbytes = jnp.sum(jnp.where(mask_BT, token_bytes_V[targets_BT], 0))
     return {"nll_sum": nll_sum, "targets": count, "bytes": nbytes.astype(jnp.float32),
             "expert_load": aux["expert_load"]}

@@ -122,7 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
 
   for step in range(start, num_steps):
     rows = schedules.batch_rows(config, step, tokens_seen)
-    batch = loader.next_batch(rows // pcount if pcount > 1 else rows)
+    batch = loader.next_batch(rows // pcount)
     state, metrics = train_step(state, batch)
     tokens_seen += rows * T
     window_tokens += rows * T
@@ -157,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
             "max_vio_global_per_layer": ev.get("max_vio_global_per_layer"), "tokens_seen": tokens_seen,
             "data": loader.counters(), "wall_seconds_this_run": time.time() - t_start}
   if jax.process_index() == 0:
-    writer.write(int(state.step), {k: v for k, v in ev.items()}, prefix="final_")
+    writer.write(int(state.step), ev, prefix="final_")
     write_json(os.path.join(workdir, "eval.json"), result)
   writer.close()
   log("")
