@@ -8,6 +8,7 @@ config (byte tokenizer, short rows) for tests, the quickstart notebook and smoke
 import ml_collections
 
 from moe_jax.config import base_model_config, yarn_rope_scaling
+from moe_jax.sharding import base_mesh_config
 from moe_jax.training.config import base_checkpoint_config, base_data_config, base_train_config
 
 
@@ -56,4 +57,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = base_checkpoint_config()
   config.checkpoint.every = 20  # steps between checkpoints
   config.checkpoint.keep = 2  # newest kept
+
+  config.mesh = base_mesh_config()  # default: every device on `data`; e.g. --config.mesh.expert=4 for EP
   return config

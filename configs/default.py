@@ -9,6 +9,7 @@ the sequence-wise balance loss, and one MTP module.
 import ml_collections
 
 from moe_jax.config import base_model_config
+from moe_jax.sharding import base_mesh_config
 from moe_jax.training.config import base_checkpoint_config, base_data_config, base_train_config
 
 VOCAB = 2048  # BPE vocabulary: the tokenizer's size and the model's
@@ -69,4 +70,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = base_checkpoint_config()
   config.checkpoint.every = 200  # steps between checkpoints
   config.checkpoint.keep = 2  # newest kept
+
+  config.mesh = base_mesh_config()  # default: every device on `data`; e.g. --config.mesh.expert=4 for EP
   return config

@@ -92,6 +92,8 @@ def base_model_config() -> ml_collections.ConfigDict:
   c.moe_dispatch = "dropless"  # dropless (sort + grouped matmul) | capacity (GShard token dropping baseline)
   c.capacity_factor = 1.25  # with capacity dispatch: slots per expert = ceil(factor * tokens * K / N_r)
   c.gmm_backend = "auto"  # grouped matmul backend, see moe_jax.kernels.BACKENDS
+  c.ep_capacity_factor = 0.0  # expert parallelism: all-to-all rows per destination = factor * copies / ways;
+  #                             <= 0 = all copies (never overflows); overflow is counted in dropped_fraction
   return c
 
 
@@ -159,6 +161,8 @@ def validate_model_config(c: Any) -> None:
   _require(c.rms_norm_eps > 0, f"rms_norm_eps={c.rms_norm_eps} must be > 0")
   _require(c.rope_theta > 0, f"rope_theta={c.rope_theta} must be > 0")
   _require(c.capacity_factor > 0, f"capacity_factor={c.capacity_factor} must be > 0")
+  _require(isinstance(c.ep_capacity_factor, (int, float)) and not isinstance(c.ep_capacity_factor, bool),
+           f"ep_capacity_factor={c.ep_capacity_factor!r} must be a number (<= 0: buffers never overflow)")
   rs = c.rope_scaling
   if rs is not None:
     _require(rs.get("type") in ROPE_SCALING_TYPES,

@@ -21,7 +21,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from moe_jax.model import Transformer  # noqa: E402
-from moe_jax.training.state import create_train_state, make_mesh  # noqa: E402
+from moe_jax.sharding import make_mesh, rules_of  # noqa: E402
+from moe_jax.training.state import create_train_state  # noqa: E402
 from moe_jax.training.step import make_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config.")
@@ -33,9 +34,9 @@ _JSON = flags.DEFINE_bool("json", False, "Print JSON rows instead of a table.")
 def time_backend(config, backend: str, steps: int) -> dict:
   config = config.copy_and_resolve_references()
   config.model.gmm_backend = backend
-  model, mesh = Transformer(config.model), make_mesh()
-  state, shardings, tx = create_train_state(model, config.train, mesh, 0)
-  step = make_train_step(model, config, tx, config.train.num_steps, mesh, shardings)
+  model, mesh, rules = Transformer(config.model), make_mesh(config.mesh), rules_of(config.mesh)
+  state, shardings, tx = create_train_state(model, config.train, mesh, rules, 0)
+  step = make_train_step(model, config, tx, config.train.num_steps, mesh, rules, shardings)
   B, T = config.data.batch_size, config.data.seq_len
   rng = np.random.default_rng(0)
   batch = {"tokens": rng.integers(0, config.model.vocab_size, (B, T)).astype(np.int32),

@@ -21,7 +21,8 @@ from moe_jax.data import BatchLoader, ByteTokenizer, train_rows
 from moe_jax.model import Transformer
 from moe_jax.training import TrainingDiverged, train_and_evaluate
 from moe_jax.training.checkpoint import Checkpointer, abstract_like
-from moe_jax.training.state import batch_sharding, create_train_state, make_mesh
+from moe_jax.sharding import make_mesh, rules_of
+from moe_jax.training.state import batch_sharding, create_train_state
 from moe_jax.training.step import make_train_step, train_step_fn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,10 +59,10 @@ def _batches(c, n, tmp_path):
 
 def test_train_step_traces_once_moves_bias_by_gamma_and_donates(tmp_path):
   c = _config(tmp_path, bias_update_rate=0.01)
-  model, mesh = Transformer(c.model), make_mesh()
-  state, shardings, tx = create_train_state(model, c.train, mesh, 0)
+  model, mesh, rules = Transformer(c.model), make_mesh(c.mesh), rules_of(c.mesh)
+  state, shardings, tx = create_train_state(model, c.train, mesh, rules, 0)
   fn = chex.assert_max_traces(train_step_fn(model, c, tx, c.train.num_steps), n=1)
-  step = jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+  step = jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh, rules)), out_shardings=(shardings, None),
                  donate_argnums=(0,))
   bias0 = jax.tree.map(np.asarray, state.router_bias)
   params0 = jax.tree.map(np.asarray, state.params)
@@ -84,9 +85,9 @@ def test_train_step_traces_once_moves_bias_by_gamma_and_donates(tmp_path):
 
 def test_make_train_step_donates_the_state(tmp_path):
   c = _config(tmp_path)
-  model, mesh = Transformer(c.model), make_mesh()
-  state, shardings, tx = create_train_state(model, c.train, mesh, 0)
-  step = make_train_step(model, c, tx, c.train.num_steps, mesh, shardings)
+  model, mesh, rules = Transformer(c.model), make_mesh(c.mesh), rules_of(c.mesh)
+  state, shardings, tx = create_train_state(model, c.train, mesh, rules, 0)
+  step = make_train_step(model, c, tx, c.train.num_steps, mesh, rules, shardings)
   new, _ = step(state, _batches(c, 1, tmp_path)[0])
   assert all(a.is_deleted() for a in jax.tree.leaves(state))
   assert not any(a.is_deleted() for a in jax.tree.leaves(new))
@@ -94,8 +95,8 @@ def test_make_train_step_donates_the_state(tmp_path):
 
 def test_non_finite_step_returns_input_state(tmp_path):
   c = _config(tmp_path)
-  model, mesh = Transformer(c.model), make_mesh()
-  state, shardings, tx = create_train_state(model, c.train, mesh, 0)
+  model, mesh, rules = Transformer(c.model), make_mesh(c.mesh), rules_of(c.mesh)
+  state, shardings, tx = create_train_state(model, c.train, mesh, rules, 0)
   bad_params = jax.tree.map(lambda a: a, state.params)
   bad_params["embedding"] = bad_params["embedding"].at[0, 0].set(jnp.nan)
   state = state.replace(params=bad_params)
@@ -135,8 +136,8 @@ def test_train_and_evaluate_end_to_end_then_resume_is_a_no_op(tmp_path):
 
 def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path):
   c = _config(tmp_path)
-  model, mesh = Transformer(c.model), make_mesh()
-  state, shardings, tx = create_train_state(model, c.train, mesh, 0)
+  model, mesh, rules = Transformer(c.model), make_mesh(c.mesh), rules_of(c.mesh)
+  state, shardings, tx = create_train_state(model, c.train, mesh, rules, 0)
   loader = BatchLoader(train_rows(c.data, ByteTokenizer(), 0), c.data.batch_size, c.data.seq_len)
   ck = Checkpointer(str(tmp_path / "ck"), every=1, keep=3)
   loader.next_batch(8)
@@ -220,9 +221,9 @@ def test_loss_free_balancing_lowers_global_max_vio(tmp_path):
 def test_bfloat16_compute_keeps_float32_params_and_optimizer_state(tmp_path):
   c = _config(tmp_path)
   c.model.dtype = "bfloat16"
-  model, mesh = Transformer(c.model), make_mesh()
-  state, shardings, tx = create_train_state(model, c.train, mesh, 0)
-  step = make_train_step(model, c, tx, c.train.num_steps, mesh, shardings)
+  model, mesh, rules = Transformer(c.model), make_mesh(c.mesh), rules_of(c.mesh)
+  state, shardings, tx = create_train_state(model, c.train, mesh, rules, 0)
+  step = make_train_step(model, c, tx, c.train.num_steps, mesh, rules, shardings)
   for batch in _batches(c, 2, tmp_path):
     state, m = step(state, batch)
     assert bool(m["finite"]) and 3.0 < float(m["ce"]) < 7.0

@@ -22,7 +22,12 @@ import jax.numpy as jnp
 from moe_jax.kernels import gmm
 
 
-def _expert_ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, backend: str):
+def inverse_permutation(order_M):
+  """inv such that inv[order[i]] = i: un-sorting becomes a gather (deterministic, no scatter-add)."""
+  return jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
+
+
+def expert_ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, backend: str):
   dtype = x_MD.dtype
   f32 = jnp.float32
   w_gate_EDF, w_up_EDF, w_down_EFD = (w.astype(dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
@@ -41,10 +46,9 @@ def dropless_dispatch(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
   token_of_M = order_M // K
   x_sorted_MD = jnp.take(x_TD, token_of_M, axis=0)
   group_sizes_E = jnp.bincount(flat_expert_M, length=E).astype(jnp.int32)
-  y_sorted_MD = _expert_ffn_grouped(x_sorted_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, backend)
+  y_sorted_MD = expert_ffn_grouped(x_sorted_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, backend)
   # Unsort by gathering with the inverse permutation: deterministic, no scatter-add.
-  inverse_M = jnp.zeros_like(order_M).at[order_M].set(jnp.arange(order_M.shape[0], dtype=order_M.dtype))
-  y_TKD = jnp.take(y_sorted_MD, inverse_M, axis=0).reshape(T, K, -1)
+  y_TKD = jnp.take(y_sorted_MD, inverse_permutation(order_M), axis=0).reshape(T, K, -1)
   y_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_TK.astype(jnp.float32))
   return y_TD.astype(x_TD.dtype)
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from moe_jax.layers.base import as_dtype, constrain, normal_init, param
 from moe_jax.layers.dispatch import capacity_dispatch, dropless_dispatch
+from moe_jax.layers.expert_parallel import mesh_plan, sharded_dropless_dispatch
 from moe_jax.layers.mlp import SwiGLU
 from moe_jax.layers.router import Router
 
@@ -22,7 +23,8 @@ class MoEStats(NamedTuple):
   """Per-layer statistics returned next to the output (stacked over layers by the model)."""
   expert_load: jax.Array  # [E] token-copies routed to each expert (before any capacity drop)
   balance_loss: jax.Array  # scalar, alpha-weighted sequence-wise balance loss
-  dropped_fraction: jax.Array  # scalar, fraction of token-copies dropped (0 for dropless)
+  dropped_fraction: jax.Array  # scalar, fraction of token-copies dropped (capacity dispatch, or expert-parallel
+  #                               buffer overflow with ep_capacity_factor > 0; else 0)
 
 
 class MoE(nn.Module):
@@ -43,7 +45,11 @@ class MoE(nn.Module):
     x_TD = x_BTD.reshape(B * T, D)
     idx_TK = routing.topk_idx_BTK.reshape(B * T, -1)
     weight_TK = routing.topk_weight_BTK.reshape(B * T, -1)
-    if c.moe_dispatch == "dropless":
+    plan = mesh_plan() if c.moe_dispatch == "dropless" else None
+    if plan is not None:  # on a multi-device mesh: experts split over `expert`, tokens moved by all-to-all
+      y_TD, dropped = sharded_dropless_dispatch(x_TD, idx_TK, weight_TK, w_gate, w_up, w_down, plan,
+                                                capacity_factor=c.ep_capacity_factor, backend=c.gmm_backend)
+    elif c.moe_dispatch == "dropless":
       y_TD = dropless_dispatch(x_TD, idx_TK, weight_TK, w_gate, w_up, w_down, backend=c.gmm_backend)
       dropped = jnp.zeros((), jnp.float32)
     else:

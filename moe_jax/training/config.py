@@ -5,6 +5,7 @@
   config.data        base_data_config()
   config.train       base_train_config()
   config.checkpoint  base_checkpoint_config()
+  config.mesh        moe_jax.sharding.base_mesh_config(): mesh axis sizes, logical-axis rules, multi-host
 
 `validate_config` raises ValueError naming the field and the allowed values; the trainer calls it before
 building anything, so a bad combination never reaches a compile.
@@ -19,6 +20,8 @@ import ml_collections
 from moe_jax.config import validate_model_config
 from moe_jax.data.sources import SOURCES
 from moe_jax.data.tokenizer import TOKENIZERS
+from moe_jax.sharding import base_mesh_config, rules_of
+from moe_jax.sharding.mesh import MESH_AXES
 from moe_jax.training.schedules import SCHEDULE_UNITS
 
 
@@ -86,10 +89,10 @@ def _int_at_least(section: Any, prefix: str, name: str, low: int) -> None:
 
 def validate_config(config: Any) -> None:
   """Checks the whole experiment config; raises ValueError("invalid config: ...") naming the field."""
-  for section in ("model", "data", "train", "checkpoint"):
+  for section in ("model", "data", "train", "checkpoint", "mesh"):
     _require(section in config, f"config.{section} is missing")
   for name, schema in (("data", base_data_config()), ("train", base_train_config()),
-                       ("checkpoint", base_checkpoint_config())):
+                       ("checkpoint", base_checkpoint_config()), ("mesh", base_mesh_config())):
     unknown = set(config[name].keys()) - set(schema.keys())
     _require(not unknown, f"unknown fields config.{name}.{sorted(unknown)}; see moe_jax.training.config")
     missing = set(schema.keys()) - set(config[name].keys())
@@ -141,3 +144,25 @@ def validate_config(config: Any) -> None:
   _require(0 <= t.adam_b1 < 1 and 0 <= t.adam_b2 < 1, "config.train.adam_b1 and adam_b2 must be in [0, 1)")
   _int_at_least(c, "config.checkpoint", "every", 0)
   _int_at_least(c, "config.checkpoint", "keep", 1)
+  validate_mesh_config(config)
+
+
+def validate_mesh_config(config: Any) -> None:
+  """Mesh sizes and rules; the divisions that need the device count are checked when the mesh is built."""
+  m, model = config.mesh, config.model
+  for a in MESH_AXES:
+    v = m[a]
+    _require(isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1),
+             f"config.mesh.{a}={v!r} must be a positive integer or -1 (the devices left over)")
+  _require(sum(m[a] == -1 for a in MESH_AXES) <= 1, "only one of config.mesh.{data,fsdp,expert,tensor} may be -1")
+  rules_of(m)
+  if m.expert > 1:
+    _require(model.n_routed_experts % m.expert == 0,
+             f"config.model.n_routed_experts={model.n_routed_experts} is not divisible by config.mesh.expert={m.expert}")
+  d = config.data
+  fixed = 1
+  for a in ("data", "fsdp", "expert"):
+    fixed *= max(m[a], 1)
+  _require(d.batch_size % fixed == 0,
+           f"config.data.batch_size={d.batch_size} is not divisible by config.mesh data x fsdp x expert = {fixed} "
+           "(the batch is split over all three)")

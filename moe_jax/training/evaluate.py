@@ -12,7 +12,9 @@ import math
 import zlib
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from moe_jax.data.pipeline import stack_rows
 from moe_jax.training.balancing import max_violation
@@ -37,20 +39,34 @@ def token_byte_lengths(tokenizer: Any) -> np.ndarray:
   return lengths
 
 
-def batches_of(rows: list[dict], batch_size: int, limit: int | None = None):
-  """Rows stacked into [batch_size, T] batches, the last one padded with segment-0 rows."""
+def batches_of(rows: list[dict], batch_size: int, limit: int | None = None, count: int | None = None):
+  """Rows stacked into [batch_size, T] batches, the last one padded with segment-0 rows; with `count`, exactly
+  that many batches (all-padding ones after the rows run out: every process must run the same steps)."""
   n = len(rows) if limit is None else min(len(rows), limit * batch_size)
   T = len(rows[0]["tokens"])
-  for start in range(0, n, batch_size):
-    yield stack_rows(rows[start:start + batch_size], batch_size, T)
+  count = -(-n // batch_size) if count is None else count
+  for i in range(count):
+    yield stack_rows(rows[i * batch_size:min((i + 1) * batch_size, n)], batch_size, T)
 
 
-def evaluate(eval_step, params, bias, rows: list[dict], batch_size: int, token_bytes: np.ndarray,
-             max_batches: int | None = None) -> dict:
-  """Sums the eval step over the rows (all of them when max_batches is None)."""
+def _agreed_count(n_rows: int, batch_size: int, max_batches: int | None) -> int:
+  """Batches every process runs: the most any process needs (collectives must match across processes)."""
+  count = -(-n_rows // batch_size)
+  if max_batches is not None:
+    count = min(count, max_batches)
+  if jax.process_count() > 1:
+    count = int(np.max(multihost_utils.process_allgather(np.asarray(count))))
+  return count
+
+
+def evaluate(eval_step, params, bias, rows: list[dict], batch_size: int, token_bytes, max_batches: int | None = None,
+             put=None) -> dict:
+  """Sums the eval step over this process's rows (all of them when max_batches is None), `batch_size` rows per
+  process and step; `put` turns the host batch into global arrays (multi-process)."""
   nll, targets, nbytes, load = 0.0, 0.0, 0.0, None
-  for batch in batches_of(rows, batch_size, max_batches):
-    out = eval_step(params, bias, batch, token_bytes)
+  count = _agreed_count(len(rows), batch_size, max_batches)
+  for batch in batches_of(rows, batch_size, max_batches, count):
+    out = eval_step(params, bias, batch if put is None else put(batch), token_bytes)
     nll += float(out["nll_sum"])
     targets += float(out["targets"])
     nbytes += float(out["bytes"])

@@ -1,4 +1,4 @@
-"""The train state and its creation, already placed: eval_shape -> shardings -> jit(init, out_shardings=...).
+"""The train state and its creation, already sharded: eval_shape -> shardings -> jit(init, out_shardings=...).
 
 TrainState
   step         int32 []      optimiser steps taken
@@ -7,21 +7,22 @@ TrainState
   router_bias  {"path/e_score_correction_bias": float32 [E] or [L, E]}: loss-free balancing state, no gradient
   opt_state    optax state of `params`
 
-Sharding here is plain data parallelism: parameters replicated, the batch split over every device on a 1-axis
-'data' mesh. (Logical-axis rules for FSDP, tensor and expert parallelism plug in at `state_shardings`.)
+Every parameter is split by its logical axis names through the rules in `config.mesh.rules`
+(moe_jax.sharding); Adam's moments follow their parameter; counters and routing biases are replicated.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Sequence
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moe_jax.sharding import batch_axes, logical_shardings, param_specs
 from moe_jax.training.balancing import split_router_bias
 from moe_jax.training.optimizer import decay_mask, make_optimizer
 
@@ -35,18 +36,26 @@ class TrainState:
   opt_state: Any
 
 
-def make_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), ("data",))
+def batch_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding:
+  """Rows of a [B, T] batch split over the rules' batch axes (data x fsdp x expert by default)."""
+  return NamedSharding(mesh, P(batch_axes(rules) or None))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P("data"))
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Sequence):
+  """The mesh and logical-axis rules a step is traced under (activation constraints, expert parallelism)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
-def create_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, seed: int):
-  """(state, state shardings, optimizer). Parameters are initialised directly into their shardings."""
+def create_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequence, seed: int):
+  """(state, state shardings, optimizer). Parameters are initialised directly into their shardings.
+
+  Raises ValueError naming the parameter and the mesh axes when a split dim is not divisible.
+  """
   dummy = jnp.zeros((1, 8), jnp.int32)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
+  specs = param_specs(boxed, rules, dict(mesh.shape))
   boxed_wo_bias, _ = split_router_bias(boxed)
   tx = make_optimizer(train_cfg, decay_mask(boxed_wo_bias))
 
@@ -57,6 +66,16 @@ def create_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, seed: int):
                       router_bias=bias, opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
-  shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
+  shardings = logical_shardings(abstract, specs, mesh)
   state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(seed))
   return state, shardings, tx
+
+
+def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
+  """This process's rows (numpy) -> global jax.Arrays split by `sharding`; processes hold consecutive row blocks."""
+  return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, a), local_batch)
+
+
+def replicated_array(value, mesh: Mesh) -> jax.Array:
+  """A host value every process holds in full -> one global array replicated over the mesh."""
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), value)

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moe_jax.training import schedules
 from moe_jax.training.balancing import all_expert_loads, max_violation, merge_router_bias, update_router_bias
 from moe_jax.training.loss import masked_mean_nll, training_loss
-from moe_jax.training.state import TrainState, batch_sharding
+from moe_jax.training.state import TrainState, batch_sharding, mesh_context
 
 
 def train_step_fn(model: nn.Module, config: Any, tx: optax.GradientTransformation, run_end: float):
@@ -59,17 +59,33 @@ def train_step_fn(model: nn.Module, config: Any, tx: optax.GradientTransformatio
   return step
 
 
-def make_train_step(model, config, tx, run_end: float, mesh: Mesh, state_shardings):
+class _InMesh:
+  """A jitted function that is traced (and run) under the mesh and logical-axis rules it was built for."""
+
+  def __init__(self, jitted, mesh: Mesh, rules):
+    self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+  def __call__(self, *args):
+    with mesh_context(self.mesh, self.rules):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with mesh_context(self.mesh, self.rules):
+      return self.jitted.lower(*args)
+
+
+def make_train_step(model, config, tx, run_end: float, mesh: Mesh, rules, state_shardings):
   replicated = NamedSharding(mesh, P())
-  return jax.jit(
+  jitted = jax.jit(
       train_step_fn(model, config, tx, run_end),
-      in_shardings=(state_shardings, batch_sharding(mesh)),
+      in_shardings=(state_shardings, batch_sharding(mesh, rules)),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,),
   )
+  return _InMesh(jitted, mesh, rules)
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh, state_shardings):
+def make_eval_step(model: nn.Module, mesh: Mesh, rules, state_shardings):
   """(params, router_bias, batch, token_bytes [V]) -> sums over the batch: nll, targets, bytes, expert loads."""
 
   def step(params, bias, batch, token_bytes_V):
@@ -81,5 +97,6 @@ def make_eval_step(model: nn.Module, mesh: Mesh, state_shardings):
             "expert_load": aux["expert_load"]}
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step, in_shardings=(state_shardings.params, state_shardings.router_bias, batch_sharding(mesh),
-                                     replicated), out_shardings=replicated)
+  return _InMesh(jax.jit(step, in_shardings=(state_shardings.params, state_shardings.router_bias,
+                                             batch_sharding(mesh, rules), replicated), out_shardings=replicated),
+                 mesh, rules)

@@ -8,6 +8,7 @@ gzip -9 / xz -9e bits per byte of the same held-out documents beside the model's
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any, Callable
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from moe_jax.data import BatchLoader, eval_rows, load_or_train_tokenizer, train_rows, validation_texts
 from moe_jax.model import Transformer
@@ -24,7 +26,9 @@ from moe_jax.training.checkpoint import Checkpointer, abstract_like, write_json
 from moe_jax.training.config import validate_config
 from moe_jax.training.evaluate import compressor_bits_per_byte, evaluate, token_byte_lengths
 from moe_jax.training.metrics import MetricWriter, format_eta, truncate_jsonl
-from moe_jax.training.state import create_train_state, make_mesh
+from moe_jax.sharding import batch_axes, make_mesh, rules_of
+from moe_jax.training.distributed import maybe_initialize
+from moe_jax.training.state import batch_sharding, create_train_state, global_batch, replicated_array
 from moe_jax.training.step import make_eval_step, make_train_step
 
 
@@ -40,6 +44,12 @@ def _log(msg: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = _log) -> dict:
   """Trains (or resumes) and evaluates; returns the final eval dict (also written to WORKDIR/eval.json)."""
   validate_config(config)
+  maybe_initialize(config.mesh)
+  mesh, rules = make_mesh(config.mesh), rules_of(config.mesh)
+  split = math.prod(mesh.shape[a] for a in batch_axes(rules))
+  if config.data.batch_size % split:
+    raise ValueError(f"invalid config: config.data.batch_size={config.data.batch_size} is not divisible by the "
+                     f"{split} ways the batch is split (mesh {dict(mesh.shape)}, batch axes {batch_axes(rules)})")
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -57,8 +67,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
   loader = BatchLoader(train_rows(config.data, tokenizer, config.seed, pidx, pcount), config.data.batch_size,
                        config.data.seq_len)
   val_rows, val_bytes, val_counters = eval_rows(config.data, tokenizer, pidx, pcount)
+  if pcount > 1:  # each process holds a share of the held-out documents; the evaluation sums over all of them
+    val_bytes = int(np.sum(multihost_utils.process_allgather(np.asarray(val_bytes, np.int64))))
   baselines = compressor_bits_per_byte(validation_texts(config.data))
-  token_bytes = token_byte_lengths(tokenizer)
+  token_bytes = replicated_array(token_byte_lengths(tokenizer), mesh)
   log(f"held-out: {val_counters.get('documents_read', 0)} documents, {val_bytes:,} bytes, {len(val_rows)} rows; "
       f"gzip -9 {baselines['gzip_bits_per_byte']:.3f} and xz -9e {baselines['xz_bits_per_byte']:.3f} bits/byte")
 
@@ -68,8 +80,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
   log(f"model: {counts['total_params_with_mtp'] / 1e6:.2f}M parameters ({counts['active_params_with_mtp'] / 1e6:.2f}M "
       f"activated per token, MTP included); {config.model.n_routed_experts} routed experts, top-"
       f"{config.model.num_experts_per_tok}; compute {config.model.dtype}, backend {jax.default_backend()}")
-  mesh = make_mesh()
-  state, shardings, tx = create_train_state(model, config.train, mesh, config.seed)
+  log(f"mesh: {' x '.join(f'{a}={n}' for a, n in mesh.shape.items())} over {jax.device_count()} devices in "
+      f"{pcount} process(es)")
+  state, shardings, tx = create_train_state(model, config.train, mesh, rules, config.seed)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every, config.checkpoint.keep,
                       config.checkpoint.async_save)
   restored, start = ckpt.restore_latest(abstract_like(state, shardings), loader, log)
@@ -82,8 +95,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
   writer = MetricWriter(workdir, tensorboard=config.train.tensorboard and jax.process_index() == 0)
 
   run_end = schedules.run_end(config)
-  train_step = make_train_step(model, config, tx, run_end, mesh, shardings)
-  eval_step = make_eval_step(model, mesh, shardings)
+  train_step = make_train_step(model, config, tx, run_end, mesh, rules, shardings)
+  eval_step = make_eval_step(model, mesh, rules, shardings)
+  rows_sharding = batch_sharding(mesh, rules)
+  put = lambda b: global_batch(b, rows_sharding)  # noqa: E731
+  local_batch = config.data.batch_size // pcount
   num_steps, T = config.train.num_steps, config.data.seq_len
   tokens_seen = int(state.tokens)
   window_t, window_tokens, window_start = time.time(), 0, start
@@ -115,6 +131,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
             "expert_load": (load / np.maximum(load.sum(-1, keepdims=True), 1)).round(5)}
     if jax.process_index() == 0:
       writer.write(step_done, row)
+    if row["dropped_fraction"] > 0 and config.model.moe_dispatch == "dropless":
+      log(f"WARNING: {row['dropped_fraction']:.2%} of token-copies overflowed the expert-parallel all-to-all "
+          f"buffer at step {step_done}; raise config.model.ep_capacity_factor (<= 0 never overflows)")
     log(f"step {step_done:>6}/{num_steps} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | mtp {row['mtp_loss']:.4f} | "
         f"max_vio {row['max_vio']:.3f} | lr {row['learning_rate']:.2e} | {tps:,.0f} tok/s | "
         f"eta {format_eta(steps_left * sec_per_step)}")
@@ -122,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
 
   for step in range(start, num_steps):
     rows = schedules.batch_rows(config, step, tokens_seen)
-    batch = loader.next_batch(rows // pcount)
+    batch = put(loader.next_batch(rows // pcount))
     state, metrics = train_step(state, batch)
     tokens_seen += rows * T
     window_tokens += rows * T
@@ -134,8 +153,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
       pending = None
       ckpt.save(step + 1, state, loader)
     if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < num_steps:
-      ev = evaluate(eval_step, state.params, state.router_bias, val_rows, config.data.batch_size, token_bytes,
-                    config.train.eval_batches)
+      ev = evaluate(eval_step, state.params, state.router_bias, val_rows, local_batch, token_bytes,
+                    config.train.eval_batches, put=put)
       if jax.process_index() == 0:
         writer.write(step + 1, ev)
       log(f"eval @ {step + 1}: loss {ev['eval_loss']:.4f} | {ev['bits_per_byte']:.3f} bits/byte "
@@ -147,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
   ckpt.close()
 
   log(f"final evaluation on all {len(val_rows)} held-out rows ...")
-  ev = evaluate(eval_step, state.params, state.router_bias, val_rows, config.data.batch_size, token_bytes)
+  ev = evaluate(eval_step, state.params, state.router_bias, val_rows, local_batch, token_bytes, put=put)
   if ev["eval_bytes"] != val_bytes:
     raise AssertionError(f"bits-per-byte accounting: {ev['eval_bytes']} target bytes != {val_bytes} document bytes")
   result = {"step": int(state.step), "bits_per_byte": ev["bits_per_byte"],

@@ -1,0 +1,144 @@
+"""Dropless MoE on a device mesh: tokens travel to the devices holding their experts by all-to-all.
+
+Inside `jax.shard_map` every device holds its own tokens (the batch is split over the mesh's batch axes, which
+include `expert`) and E/n of the routed experts (n = size of the `expert` mesh axis; device j of that axis holds
+experts [j E/n, (j+1) E/n)). Per device:
+  1. sort its T*K token-copies by expert; destination device of a copy = expert // (E/n)
+  2. exchange the per-destination counts (all-to-all of [n] ints): every device learns its incoming load
+  3. pack copies into a fixed [n, C, D] send buffer, C rows per destination; all-to-all it
+  4. run the received rows through the local experts with the grouped matmul (rows sorted by local expert,
+     padding rows last and outside every group)
+  5. all-to-all the results back, un-permute, and sum each token's K outputs with its gating weights
+With C = T*K (ep_capacity_factor <= 0, the default) no copy can overflow: dropless whatever the routing. With
+ep_capacity_factor = f > 0, C = ceil(f T K / n): memory n/f times smaller, and copies past a destination's C-th
+row are *counted* (returned as the dropped fraction, psum'd over the mesh) and contribute zero -- never silently.
+Expert weights enter shard_map split on `expert` (and their width on `tensor`, whose partial outputs are
+psum'd); the `fsdp` split of their model dim is gathered at the shard_map boundary, as FSDP does for any layer.
+
+Node-limited routing (V3 sec. 2.1.2 / 3.2.2): group g holds experts [g E/G, (g+1) E/G), so when the experts are
+laid out over n devices in order and n divides G (or G divides n), each group sits on n/G devices (or a device
+holds G/n groups) and a token restricted to `topk_group` groups reaches at most
+`max_devices_per_token` = min(n, topk_group * max(1, n / G)) devices. `expert_device` is that mapping.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from moe_jax.layers.dispatch import expert_ffn_grouped, inverse_permutation
+
+
+def expert_device(expert_idx, n_experts: int, n_devices: int):
+  """Index along the `expert` mesh axis of the device holding each expert (contiguous blocks of E/n)."""
+  return expert_idx // (n_experts // n_devices)
+
+
+def max_devices_per_token(cfg: Any, n_devices: int) -> int:
+  """Upper bound on the distinct expert-axis devices one token's K experts live on (node-limited routing)."""
+  K = cfg.num_experts_per_tok
+  bound = min(n_devices, K)
+  if cfg.topk_method in ("noaux_tc", "group_limited_greedy") and cfg.n_group > 1:
+    G = cfg.n_group
+    if n_devices % G == 0:
+      bound = min(bound, cfg.topk_group * (n_devices // G))
+    elif G % n_devices == 0:
+      bound = min(bound, cfg.topk_group)
+  return bound
+
+
+def _axis_names(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def mesh_plan():
+  """(batch axes, expert axis or None, tensor axis or None, axis sizes) from the context mesh and flax rules,
+  or None when there is no multi-device mesh (the caller then dispatches locally)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or math.prod(mesh.shape.values()) == 1:
+    return None
+  rules = nn.get_logical_axis_rules()
+  if not rules:
+    return None
+  batch = _axis_names(nn.logical_to_mesh_axes(("batch",), rules)[0])
+  expert = _axis_names(nn.logical_to_mesh_axes(("expert",), rules)[0])
+  tensor = _axis_names(nn.logical_to_mesh_axes(("expert_mlp",), rules)[0])
+  if len(expert) > 1 or len(tensor) > 1:
+    raise ValueError(f"expert parallelism needs one mesh axis each for 'expert' and 'expert_mlp'; the rules map "
+                     f"them to {expert} and {tensor}")
+  if expert and expert[0] not in batch:
+    raise ValueError(f"the 'expert' mesh axis {expert[0]!r} must also split the batch (rules map 'batch' to "
+                     f"{batch}): the all-to-all exchanges tokens between the expert axis' devices")
+  return batch, (expert[0] if expert else None), (tensor[0] if tensor else None), dict(mesh.shape)
+
+
+def _buffer_rows(copies: int, n: int, factor: float) -> int:
+  return copies if factor <= 0 or n == 1 else min(copies, max(1, math.ceil(factor * copies / n)))
+
+
+def _local(x_TD, idx_TK, weight_TK, w_gate, w_up, w_down, *, E: int, n: int, factor: float, expert_axis,
+           tensor_axis, batch_axes, backend: str):
+  T, K = idx_TK.shape
+  D = x_TD.shape[1]
+  E_loc = E // n
+  M = T * K
+  flat_e_M = idx_TK.reshape(-1)
+  order_M = jnp.argsort(flat_e_M, stable=True)
+  sorted_e_M = flat_e_M[order_M]
+  x_sorted_MD = jnp.take(x_TD, order_M // K, axis=0)
+  if n == 1:
+    recv_x, recv_e, fits_M, slot_M = x_sorted_MD, sorted_e_M, jnp.ones((M,), bool), None
+  else:
+    C = _buffer_rows(M, n, factor)
+    dest_M = sorted_e_M // E_loc
+    send_counts_n = jnp.bincount(dest_M, length=n).astype(jnp.int32)
+    start_n = jnp.cumsum(send_counts_n) - send_counts_n
+    pos_M = jnp.arange(M) - start_n[dest_M]
+    fits_M = pos_M < C
+    slot_M = jnp.where(fits_M, dest_M * C + pos_M, n * C)  # overflow -> a trash row cut off below
+    send_x = jnp.zeros((n * C + 1, D), x_TD.dtype).at[slot_M].set(x_sorted_MD)[: n * C]
+    send_e = jnp.full((n * C + 1,), E_loc, jnp.int32).at[slot_M].set(sorted_e_M % E_loc)[: n * C]
+    recv_x = jax.lax.all_to_all(send_x.reshape(n, C, D), expert_axis, 0, 0, tiled=True).reshape(n * C, D)
+    recv_e = jax.lax.all_to_all(send_e.reshape(n, C), expert_axis, 0, 0, tiled=True).reshape(n * C)
+  # Rows of each local expert together; padding rows (id E_loc) last and outside every group (output zero).
+  r_order = jnp.argsort(recv_e, stable=True)
+  group_sizes = jnp.bincount(recv_e, length=E_loc + 1)[:E_loc].astype(jnp.int32)
+  y_sorted = expert_ffn_grouped(jnp.take(recv_x, r_order, axis=0), group_sizes, w_gate, w_up, w_down, backend)
+  y_recv = jnp.take(y_sorted, inverse_permutation(r_order), axis=0)
+  if tensor_axis is not None:
+    y_recv = jax.lax.psum(y_recv, tensor_axis)  # each tensor shard computed a slice of the expert width
+  if n == 1:
+    y_sorted_MD = y_recv
+  else:
+    back = jax.lax.all_to_all(y_recv.reshape(n, C, D), expert_axis, 0, 0, tiled=True).reshape(n * C, D)
+    y_sorted_MD = jnp.take(jnp.concatenate([back, jnp.zeros((1, D), back.dtype)]), slot_M, axis=0)
+  y_TKD = jnp.take(y_sorted_MD, inverse_permutation(order_M), axis=0).reshape(T, K, D)
+  y_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_TK.astype(jnp.float32)).astype(x_TD.dtype)
+  overflow = jnp.sum(~fits_M).astype(jnp.float32)
+  totals = jnp.stack([overflow, jnp.float32(M)])
+  if batch_axes:
+    totals = jax.lax.psum(totals, batch_axes)
+  return y_TD, totals[0] / totals[1]
+
+
+def sharded_dropless_dispatch(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, plan, *,
+                              capacity_factor: float = 0.0, backend: str = "auto"):
+  """Dropless dispatch under `plan` (from `mesh_plan`). Returns (y [T, D], fraction of copies overflowed)."""
+  batch, expert_axis, tensor_axis, sizes = plan
+  E = w_gate_EDF.shape[0]
+  n = sizes[expert_axis] if expert_axis else 1
+  if E % n:
+    raise ValueError(f"n_routed_experts={E} is not divisible by the expert mesh axis {expert_axis!r} of size {n}")
+  tok = P(batch or None, None)
+  w_in = P(expert_axis, None, tensor_axis)
+  w_out = P(expert_axis, tensor_axis, None)
+  fn = jax.shard_map(
+      lambda *a: _local(*a, E=E, n=n, factor=capacity_factor, expert_axis=expert_axis, tensor_axis=tensor_axis,
+                        batch_axes=batch, backend=backend),
+      in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=(tok, P()))
+  return fn(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
