@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from moe_jax.config import mtp_block_is_moe
 from moe_jax.layers import RMSNorm
-from moe_jax.layers.base import as_dtype, normal_init, param
+from moe_jax.layers.base import as_dtype, constrain, normal_init, param
 from moe_jax.model.block import block_class
 
 
@@ -32,7 +32,7 @@ class MTPModule(nn.Module):
     c = self.config
     dtype, pdtype = as_dtype(c.dtype), as_dtype(c.param_dtype)
     D = c.hidden_size
-    e_BTD = jnp.take(embed_VD, shifted_tokens_BT, axis=0).astype(dtype)
+    e_BTD = constrain(jnp.take(embed_VD, shifted_tokens_BT, axis=0).astype(dtype), ("batch", "length", "embed"))
     e_BTD = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="enorm")(e_BTD)
     h_BTD = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="hnorm")(h_prev_BTD)
     eh_proj = param(self, "eh_proj", (2 * D, D), ("mtp_concat", "embed"), normal_init(c), pdtype)

@@ -26,7 +26,7 @@ import ml_collections
 
 from moe_jax.config import n_moe_layers, validate_model_config
 from moe_jax.layers import RMSNorm, attention_mask, rope_cos_sin
-from moe_jax.layers.base import as_dtype, normal_init, param
+from moe_jax.layers.base import as_dtype, constrain, normal_init, param
 from moe_jax.model.block import block_class
 from moe_jax.model.mtp import MTPModule
 
@@ -100,7 +100,10 @@ class Transformer(nn.Module):
     valid_BT = segment_ids_BT != 0
     rope = rope_cos_sin(c, positions_BT)
     mask_B1TT = attention_mask(segment_ids_BT)
-    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dtype)
+    # The lookup reads a gathered (replicated) copy of the table: a row gather from a table split on vocab and
+    # embed makes XLA's SPMD partitioner fall back to replicating the result anyway, with extra copies.
+    lookup_VD = constrain(embed_VD, (None, None))
+    x_BTD = constrain(jnp.take(lookup_VD, tokens_BT, axis=0).astype(dtype), ("batch", "length", "embed"))
     x_BTD, _ = self._layers(x_BTD, rope, mask_B1TT, valid_BT, is_moe=False, n=c.first_k_dense_replace,
                             name="dense_layers")
     x_BTD, moe_stats = self._layers(x_BTD, rope, mask_B1TT, valid_BT, is_moe=True, n=n_moe_layers(c),
@@ -118,7 +121,7 @@ class Transformer(nn.Module):
         # Input at position i is token i+k; positions past the row end get token 0 and are never targets.
         shifted_BT = jnp.pad(tokens_BT[:, k:], ((0, 0), (0, min(k, T))))[:, :T]
         h_BTD, logits_k, stats = MTPModule(c, name=f"mtp_{k - 1}")(
-            h_BTD, shifted_BT, embed_VD, head_fn, *rope, mask_B1TT, valid_BT)
+            h_BTD, shifted_BT, lookup_VD, head_fn, *rope, mask_B1TT, valid_BT)
         mtp_logits.append(logits_k)
         if stats is not None:
           mtp_stats.append(stats)
