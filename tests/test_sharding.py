@@ -17,6 +17,8 @@ from moe_jax.sharding import base_mesh_config, mesh_shape, rules_of
 from moe_jax.training.config import validate_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# One xdist worker runs this whole module, so the 8-device subprocess (module fixture) starts once, not per worker.
+pytestmark = pytest.mark.xdist_group("sharding")
 MESHES = ("data8", "fsdp8", "data2_expert4", "fsdp2_expert2_tensor2")
 
 
