@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.layers.dispatch import expert_ffn_grouped, inverse_permutation
+from moe_jax.layers.dispatch import dropless_dispatch, expert_ffn_grouped, inverse_permutation
+from moe_jax.sharding import axis_names, batch_axes
 
 
 def expert_device(expert_idx, n_experts: int, n_devices: int):
@@ -52,10 +53,6 @@ def max_devices_per_token(cfg: Any, n_devices: int) -> int:
   return bound
 
 
-def _axis_names(entry) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def mesh_plan():
   """(batch axes, expert axis or None, tensor axis or None, axis sizes) from the context mesh and flax rules,
   or None when there is no multi-device mesh (the caller then dispatches locally)."""
@@ -65,9 +62,9 @@ def mesh_plan():
   rules = nn.get_logical_axis_rules()
   if not rules:
     return None
-  batch = _axis_names(nn.logical_to_mesh_axes(("batch",), rules)[0])
-  expert = _axis_names(nn.logical_to_mesh_axes(("expert",), rules)[0])
-  tensor = _axis_names(nn.logical_to_mesh_axes(("expert_mlp",), rules)[0])
+  batch = batch_axes(rules)
+  expert = axis_names(nn.logical_to_mesh_axes(("expert",), rules)[0])
+  tensor = axis_names(nn.logical_to_mesh_axes(("expert_mlp",), rules)[0])
   if len(expert) > 1 or len(tensor) > 1:
     raise ValueError(f"expert parallelism needs one mesh axis each for 'expert' and 'expert_mlp'; the rules map "
                      f"them to {expert} and {tensor}")
@@ -78,33 +75,35 @@ def mesh_plan():
 
 
 def _buffer_rows(copies: int, n: int, factor: float) -> int:
-  return copies if factor <= 0 or n == 1 else min(copies, max(1, math.ceil(factor * copies / n)))
+  return copies if factor <= 0 else min(copies, max(1, math.ceil(factor * copies / n)))
 
 
 def _local(x_TD, idx_TK, weight_TK, w_gate, w_up, w_down, *, E: int, n: int, factor: float, expert_axis,
            tensor_axis, batch_axes, backend: str):
   T, K = idx_TK.shape
   D = x_TD.shape[1]
-  E_loc = E // n
   M = T * K
+  if n == 1:  # every expert is local: the single-device dispatch on this device's tokens
+    y_TD = dropless_dispatch(x_TD, idx_TK, weight_TK, w_gate, w_up, w_down, backend=backend)
+    if tensor_axis is not None:
+      y_TD = jax.lax.psum(y_TD, tensor_axis)  # each tensor shard computed a slice of the expert width
+    return y_TD, jnp.zeros((), jnp.float32)
+  E_loc = E // n
   flat_e_M = idx_TK.reshape(-1)
   order_M = jnp.argsort(flat_e_M, stable=True)
   sorted_e_M = flat_e_M[order_M]
   x_sorted_MD = jnp.take(x_TD, order_M // K, axis=0)
-  if n == 1:
-    recv_x, recv_e, fits_M, slot_M = x_sorted_MD, sorted_e_M, jnp.ones((M,), bool), None
-  else:
-    C = _buffer_rows(M, n, factor)
-    dest_M = sorted_e_M // E_loc
-    send_counts_n = jnp.bincount(dest_M, length=n).astype(jnp.int32)
-    start_n = jnp.cumsum(send_counts_n) - send_counts_n
-    pos_M = jnp.arange(M) - start_n[dest_M]
-    fits_M = pos_M < C
-    slot_M = jnp.where(fits_M, dest_M * C + pos_M, n * C)  # overflow -> a trash row cut off below
-    send_x = jnp.zeros((n * C + 1, D), x_TD.dtype).at[slot_M].set(x_sorted_MD)[: n * C]
-    send_e = jnp.full((n * C + 1,), E_loc, jnp.int32).at[slot_M].set(sorted_e_M % E_loc)[: n * C]
-    recv_x = jax.lax.all_to_all(send_x.reshape(n, C, D), expert_axis, 0, 0, tiled=True).reshape(n * C, D)
-    recv_e = jax.lax.all_to_all(send_e.reshape(n, C), expert_axis, 0, 0, tiled=True).reshape(n * C)
+  C = _buffer_rows(M, n, factor)
+  dest_M = sorted_e_M // E_loc
+  send_counts_n = jnp.bincount(dest_M, length=n).astype(jnp.int32)
+  start_n = jnp.cumsum(send_counts_n) - send_counts_n
+  pos_M = jnp.arange(M) - start_n[dest_M]
+  fits_M = pos_M < C
+  slot_M = jnp.where(fits_M, dest_M * C + pos_M, n * C)  # overflow -> a trash row cut off below
+  send_x = jnp.zeros((n * C + 1, D), x_TD.dtype).at[slot_M].set(x_sorted_MD)[: n * C]
+  send_e = jnp.full((n * C + 1,), E_loc, jnp.int32).at[slot_M].set(sorted_e_M % E_loc)[: n * C]
+  recv_x = jax.lax.all_to_all(send_x.reshape(n, C, D), expert_axis, 0, 0, tiled=True).reshape(n * C, D)
+  recv_e = jax.lax.all_to_all(send_e.reshape(n, C), expert_axis, 0, 0, tiled=True).reshape(n * C)
   # Rows of each local expert together; padding rows (id E_loc) last and outside every group (output zero).
   r_order = jnp.argsort(recv_e, stable=True)
   group_sizes = jnp.bincount(recv_e, length=E_loc + 1)[:E_loc].astype(jnp.int32)
@@ -112,15 +111,11 @@ def _local(x_TD, idx_TK, weight_TK, w_gate, w_up, w_down, *, E: int, n: int, fac
   y_recv = jnp.take(y_sorted, inverse_permutation(r_order), axis=0)
   if tensor_axis is not None:
     y_recv = jax.lax.psum(y_recv, tensor_axis)  # each tensor shard computed a slice of the expert width
-  if n == 1:
-    y_sorted_MD = y_recv
-  else:
-    back = jax.lax.all_to_all(y_recv.reshape(n, C, D), expert_axis, 0, 0, tiled=True).reshape(n * C, D)
-    y_sorted_MD = jnp.take(jnp.concatenate([back, jnp.zeros((1, D), back.dtype)]), slot_M, axis=0)
+  back = jax.lax.all_to_all(y_recv.reshape(n, C, D), expert_axis, 0, 0, tiled=True).reshape(n * C, D)
+  y_sorted_MD = jnp.take(jnp.concatenate([back, jnp.zeros((1, D), back.dtype)]), slot_M, axis=0)
   y_TKD = jnp.take(y_sorted_MD, inverse_permutation(order_M), axis=0).reshape(T, K, D)
   y_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_TK.astype(jnp.float32)).astype(x_TD.dtype)
-  overflow = jnp.sum(~fits_M).astype(jnp.float32)
-  totals = jnp.stack([overflow, jnp.float32(M)])
+  totals = jnp.stack([jnp.sum(~fits_M).astype(jnp.float32), jnp.float32(M)])
   if batch_axes:
     totals = jax.lax.psum(totals, batch_axes)
   return y_TD, totals[0] / totals[1]

@@ -38,6 +38,22 @@ _DEFAULT_RULES = (
 )
 
 
+def axis_names(target) -> tuple[str, ...]:
+  """A rule's or PartitionSpec entry's mesh axes as a tuple: None -> (), "x" -> ("x",), ("x", "y") -> itself."""
+  return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def check_mesh_sizes(mesh_cfg: Any) -> None:
+  """Each axis a positive integer or -1, and at most one -1 (no device count needed)."""
+  for a in MESH_AXES:
+    v = mesh_cfg[a]
+    if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
+      raise ValueError(f"invalid config: config.mesh.{a}={v!r} must be a positive integer or -1 (the rest)")
+  free = [a for a in MESH_AXES if mesh_cfg[a] == -1]
+  if len(free) > 1:
+    raise ValueError(f"invalid config: only one mesh axis may be -1, got {free}")
+
+
 def default_rules() -> tuple:
   return _DEFAULT_RULES
 
@@ -59,13 +75,9 @@ def base_mesh_config() -> ml_collections.ConfigDict:
 
 def mesh_shape(mesh_cfg: Any, n_devices: int) -> dict[str, int]:
   """{axis: size} with the -1 axis resolved; raises naming the axes and the device count when they disagree."""
+  check_mesh_sizes(mesh_cfg)
   sizes = {a: mesh_cfg[a] for a in MESH_AXES}
-  for a, v in sizes.items():
-    if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
-      raise ValueError(f"invalid config: config.mesh.{a}={v!r} must be a positive integer or -1 (the rest)")
   free = [a for a, v in sizes.items() if v == -1]
-  if len(free) > 1:
-    raise ValueError(f"invalid config: only one mesh axis may be -1, got {free}")
   fixed = math.prod(v for v in sizes.values() if v != -1)
   desc = " x ".join(f"{a}={v}" for a, v in sizes.items())
   if free:
@@ -96,8 +108,7 @@ def rules_of(mesh_cfg: Any) -> tuple:
     if len(rule) != 2 or not isinstance(rule[0], str):
       raise ValueError(f"invalid config: config.mesh.rules[{i}]={rule!r} must be (logical axis, mesh axes)")
     logical, target = rule
-    names = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-    bad = [n for n in names if n not in MESH_AXES]
+    bad = [n for n in axis_names(target) if n not in MESH_AXES]
     if bad:
       raise ValueError(f"invalid config: config.mesh.rules[{i}]={rule!r} names {bad}, not among {MESH_AXES}")
     out.append((logical, target if target is None or isinstance(target, str) else tuple(target)))
@@ -108,5 +119,5 @@ def batch_axes(rules: Sequence) -> tuple[str, ...]:
   """The mesh axes the batch dim is split over under `rules`."""
   for logical, target in rules:
     if logical == "batch":
-      return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+      return axis_names(target)
   return ()

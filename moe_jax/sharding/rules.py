@@ -14,9 +14,7 @@ import jax
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-
-def _names(entry) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+from moe_jax.sharding.mesh import axis_names
 
 
 def mesh_spec(logical_axes: Sequence[str | None], rules: Sequence) -> P:
@@ -28,7 +26,7 @@ def shard_shape(shape: Sequence[int], spec: P, sizes: Mapping[str, int]) -> tupl
   """The per-device block of an array of `shape` split by `spec` on a mesh of `sizes` (dims must divide)."""
   out = []
   for i, d in enumerate(shape):
-    ways = math.prod(sizes[a] for a in _names(spec[i] if i < len(spec) else None))
+    ways = math.prod(sizes[a] for a in axis_names(spec[i] if i < len(spec) else None))
     out.append(d // ways)
   return tuple(out)
 
@@ -37,7 +35,7 @@ def check_divisible(name: str, shape: Sequence[int], logical_axes: Sequence[str 
                     sizes: Mapping[str, int]) -> None:
   """Raises naming the array, the dim and the mesh axes when a split dim is not a multiple of their size."""
   for i, d in enumerate(shape):
-    axes = _names(spec[i] if i < len(spec) else None)
+    axes = axis_names(spec[i] if i < len(spec) else None)
     ways = math.prod(sizes[a] for a in axes)
     if d % ways:
       logical = logical_axes[i] if logical_axes else None

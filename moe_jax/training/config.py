@@ -20,8 +20,7 @@ import ml_collections
 from moe_jax.config import validate_model_config
 from moe_jax.data.sources import SOURCES
 from moe_jax.data.tokenizer import TOKENIZERS
-from moe_jax.sharding import base_mesh_config, rules_of
-from moe_jax.sharding.mesh import MESH_AXES
+from moe_jax.sharding import base_mesh_config, check_mesh_sizes, rules_of
 from moe_jax.training.schedules import SCHEDULE_UNITS
 
 
@@ -150,11 +149,7 @@ def validate_config(config: Any) -> None:
 def validate_mesh_config(config: Any) -> None:
   """Mesh sizes and rules; the divisions that need the device count are checked when the mesh is built."""
   m, model = config.mesh, config.model
-  for a in MESH_AXES:
-    v = m[a]
-    _require(isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1),
-             f"config.mesh.{a}={v!r} must be a positive integer or -1 (the devices left over)")
-  _require(sum(m[a] == -1 for a in MESH_AXES) <= 1, "only one of config.mesh.{data,fsdp,expert,tensor} may be -1")
+  check_mesh_sizes(m)
   rules_of(m)
   if m.expert > 1:
     _require(model.n_routed_experts % m.expert == 0,
