@@ -19,7 +19,7 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCHES = ("dropless", "capacity")
-GMM_BACKENDS = ("auto", "ragged_dot", "tiled", "reference")
+GMM_BACKENDS = ("auto", "tiled", "ragged_dot", "pallas_tpu", "pallas_mosaic_gpu", "reference")  # kernels.BACKENDS
 HIDDEN_ACTS = ("silu",)
 ROPE_SCALING_TYPES = ("yarn",)
 
@@ -91,7 +91,8 @@ def base_model_config() -> ml_collections.ConfigDict:
   c.remat_policy = "none"  # activation checkpointing per block: none | full | dots | dots_no_batch
   c.moe_dispatch = "dropless"  # dropless (sort + grouped matmul) | capacity (GShard token dropping baseline)
   c.capacity_factor = 1.25  # with capacity dispatch: slots per expert = ceil(factor * tokens * K / N_r)
-  c.gmm_backend = "auto"  # grouped matmul backend, see moe_jax.kernels.BACKENDS
+  c.gmm_backend = "auto"  # grouped matmul: auto (validated default per platform) | tiled | ragged_dot |
+  #                        pallas_tpu | pallas_mosaic_gpu (experimental, opt-in) | reference; see moe_jax.kernels
   c.ep_capacity_factor = 0.0  # expert parallelism: all-to-all rows per destination = factor * copies / ways;
   #                             <= 0 = all copies (never overflows); overflow is counted in dropped_fraction
   return c

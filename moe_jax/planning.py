@@ -59,7 +59,7 @@ def _local_config(model_cfg: Any, tensor: int) -> ml_collections.FrozenConfigDic
   c.intermediate_size = max(1, c.intermediate_size // tensor)
   c.moe_intermediate_size = max(1, c.moe_intermediate_size // tensor)
   if c.gmm_backend in ("auto", "tiled"):
-    c.gmm_backend = "ragged_dot"  # what accelerators run; the CPU tiled backend gathers weights per tile
+    c.gmm_backend = "ragged_dot"  # what accelerators run by default; the residual count does not depend on it
   return ml_collections.FrozenConfigDict(c)
 
 

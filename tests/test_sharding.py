@@ -17,12 +17,13 @@ from moe_jax.sharding import base_mesh_config, mesh_shape, rules_of
 from moe_jax.training.config import validate_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# One xdist worker runs this whole module, so the 8-device subprocess (module fixture) starts once, not per worker.
+# One xdist worker runs this whole module (loadgroup); the fixture is session-scoped because xdist may interleave
+# other modules on that worker, and a module-scoped fixture would then start the 8-device subprocess twice.
 pytestmark = pytest.mark.xdist_group("sharding")
 MESHES = ("data8", "fsdp8", "data2_expert4", "fsdp2_expert2_tensor2")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def worker(tmp_path_factory):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_worker.py"), str(tmp_path_factory.mktemp("ck"))],

@@ -1,90 +1,156 @@
-"""Grouped matmul (gmm): out[m] = lhs[m] @ rhs[group(m)], with groups given as sizes of consecutive row blocks.
+"""Grouped matmul (gmm): out[m] = lhs[m] @ rhs[group(m)], groups given as sizes of consecutive row blocks.
 
-Backends
-- "ragged_dot": `jax.lax.ragged_dot`. Differentiable by JAX. On CPU XLA computes every group densely (cost grows
-  with the number of experts); on GPU/TPU the compiler decides.
-- "tiled": portable XLA. Rows are cut into tiles of `TILE_ROWS` with every group padded to whole tiles (at most
-  M/TILE_ROWS + E tiles, a static bound), each tile is multiplied by its own group's weights in one batched
-  matmul, and the rows are put back. Cost ~ the rows' FLOPs plus one weight read per tile, whatever E is, so
-  it is the CPU default (on CPU, ragged_dot's cost is E times the active FLOPs). Differentiable by JAX.
-- "reference": a loop over experts, each a masked dense matmul. Slow (E dense matmuls) and only meant as an
-  independent check in tests and benchmarks.
-Pallas kernels join this table in a later change; the call signature stays the same.
+    gmm : out_MN[m]  = lhs_MK[m] @ rhs_EKN[e(m)]                 (rows of group e are contiguous, in order)
+    tgmm: out_EKN[e] = sum_{m in group e} lhs_MK[m]^T dout_MN[m]  (the weight gradient)
+The vjp of gmm is  d lhs = gmm(dout, rhs^T)  and  d rhs = tgmm(lhs, dout), which is what the `custom_vjp` below
+calls for the tiled and Pallas backends (the others are differentiated by JAX).
 
-Rows past `sum(group_sizes)` belong to no group: their output is zero.
+Backends (`BACKENDS`):
+- "tiled": portable XLA on the tiles layout (`xla_tiled.py`); cost ~ the rows' FLOPs whatever E is. Default on
+  CPU, validated on CPU.
+- "ragged_dot": `jax.lax.ragged_dot` (JAX's own AD). On CPU it computes every group densely (cost ~ E x the
+  active FLOPs); on GPU/TPU the compiler decides. Default on GPU and TPU (validated there by earlier sessions'
+  runs; see docs/benchmarks.md).
+- "pallas_tpu": megablox-style Pallas TPU kernel (`pallas_tpu.py`). EXPERIMENTAL: checked only in the TPU
+  interpreter on CPU; never run on a TPU. Opt-in.
+- "pallas_mosaic_gpu": Pallas Mosaic GPU (Hopper wgmma) kernel (`pallas_mosaic_gpu.py`). EXPERIMENTAL: opt-in
+  until it has been validated on a lent H100 (see docs/benchmarks.md).
+- "reference": a loop over experts of masked dense matmuls (E dense matmuls). Only an independent check.
+
+Rows past sum(group_sizes) belong to no group: their output (and their lhs gradient) is zero.
+Pallas backends run on CPU only in interpret mode: pass `interpret=True` or use `interpret_kernels()`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("ragged_dot", "tiled", "reference")
-TILE_ROWS = 128
+from moe_jax.kernels import pallas_tpu, xla_tiled
+
+BACKENDS = ("tiled", "ragged_dot", "pallas_tpu", "pallas_mosaic_gpu", "reference")
+# Where each backend runs natively. Pallas backends also run anywhere in interpret mode (slow; for tests).
+_NATIVE = {"tiled": None, "ragged_dot": None, "reference": None, "pallas_tpu": ("tpu",),
+           "pallas_mosaic_gpu": ("gpu", "cuda")}
+# `auto` picks only backends validated on that platform (experimental kernels are opt-in).
 _AUTO = {"cpu": "tiled", "gpu": "ragged_dot", "cuda": "ragged_dot", "rocm": "ragged_dot", "tpu": "ragged_dot"}
 
+_INTERPRET = contextvars.ContextVar("moe_jax_gmm_interpret", default=False)
 
-def resolve_backend(backend: str, platform: str | None = None) -> str:
-  """Maps "auto" to the platform's default and checks that `backend` exists."""
+
+@contextlib.contextmanager
+def interpret_kernels(enabled: bool = True):
+  """Within this context, Pallas gmm backends run in Pallas interpret mode (CPU simulation, for tests)."""
+  token = _INTERPRET.set(enabled)
+  try:
+    yield
+  finally:
+    _INTERPRET.reset(token)
+
+
+def resolve_backend(backend: str, platform: str | None = None, interpret: bool | None = None) -> str:
+  """Maps "auto" to the platform's validated default; raises if `backend` is unknown or cannot run here."""
   platform = platform or jax.default_backend()
+  interpret = _INTERPRET.get() if interpret is None else interpret
   if backend == "auto":
-    return _AUTO.get(platform, "ragged_dot")
+    return _AUTO.get(platform, "tiled")
   if backend not in BACKENDS:
     raise ValueError(f"gmm backend {backend!r} is not one of {('auto',) + BACKENDS} (platform {platform!r})")
+  native = _NATIVE[backend]
+  if native is not None and platform not in native and not interpret:
+    raise ValueError(f"gmm backend {backend!r} cannot run on platform {platform!r} (it needs {native[0]}); "
+                     "use backend='auto' or 'tiled', or interpret=True / moe_jax.kernels.interpret_kernels() to "
+                     "simulate the kernel for testing")
   return backend
 
 
-def _reference(lhs_MK, rhs_EKN, group_sizes_E, preferred_element_type):
+def _reference(lhs_MK, rhs_EKN, group_sizes_E, out_dtype):
   ends_E = jnp.cumsum(group_sizes_E)
   starts_E = ends_E - group_sizes_E
   rows_M = jnp.arange(lhs_MK.shape[0])
-  out_MN = jnp.zeros((lhs_MK.shape[0], rhs_EKN.shape[2]), preferred_element_type)
+  out_MN = jnp.zeros((lhs_MK.shape[0], rhs_EKN.shape[2]), out_dtype)
   for e in range(rhs_EKN.shape[0]):
     in_group_M = (rows_M >= starts_E[e]) & (rows_M < ends_E[e])
-    prod_MN = jnp.dot(lhs_MK, rhs_EKN[e], preferred_element_type=preferred_element_type)
+    prod_MN = jnp.dot(lhs_MK, rhs_EKN[e], preferred_element_type=out_dtype)
     out_MN = out_MN + jnp.where(in_group_M[:, None], prod_MN, 0)
   return out_MN
 
 
-def _tiled(lhs_MK, rhs_EKN, group_sizes_E, preferred_element_type, tm: int = TILE_ROWS):
-  M, K = lhs_MK.shape
-  E, _, N = rhs_EKN.shape
-  n_tiles = M // tm + E  # each group wastes less than one tile
-  tiles_E = (group_sizes_E + tm - 1) // tm
-  tile_end_E = jnp.cumsum(tiles_E)
-  tile_start_E = tile_end_E - tiles_E
-  row_start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
-  tile_X = jnp.arange(n_tiles)
-  group_X = jnp.minimum(jnp.searchsorted(tile_end_E, tile_X, side="right"), E - 1)
-  offset_XR = (tile_X - tile_start_E[group_X])[:, None] * tm + jnp.arange(tm)[None, :]  # row within its group
-  live_XR = (offset_XR < group_sizes_E[group_X][:, None]) & (tile_X < tile_end_E[-1])[:, None]
-  # Padding slots read a zero row (index M) and write to distinct out-of-range rows (dropped), so the write
-  # indices stay unique: the scatter and its transpose (a gather) need no conflict handling.
-  rows_XR = row_start_E[group_X][:, None] + offset_XR
-  read_XR = jnp.where(live_XR, rows_XR, M)
-  write_XR = jnp.where(live_XR, rows_XR, M + jnp.arange(n_tiles * tm).reshape(n_tiles, tm))
-  lhs_pad = jnp.concatenate([lhs_MK, jnp.zeros((1, K), lhs_MK.dtype)], axis=0)
-  out_XRN = jnp.einsum("xrk,xkn->xrn", lhs_pad[read_XR], rhs_EKN[group_X],
-                       preferred_element_type=preferred_element_type)
-  return jnp.zeros((M, N), preferred_element_type).at[write_XR.reshape(-1)].set(
-      out_XRN.reshape(-1, N), mode="drop", unique_indices=True)
+def _impl(backend: str, interpret: bool):
+  """(gmm, tgmm) forward functions of a custom-vjp backend, each (a, b, group_sizes, out_dtype) -> array."""
+  if backend == "tiled":
+    return xla_tiled.gmm, xla_tiled.tgmm
+  if backend == "pallas_tpu":
+    return (partial(pallas_tpu.gmm, interpret=interpret), partial(pallas_tpu.tgmm, interpret=interpret))
+  from moe_jax.kernels import pallas_mosaic_gpu  # imports Mosaic GPU modules only when asked for
+  return (partial(pallas_mosaic_gpu.gmm, interpret=interpret), partial(pallas_mosaic_gpu.tgmm, interpret=interpret))
 
 
-def gmm(lhs_MK, rhs_EKN, group_sizes_E, *, backend: str = "auto", preferred_element_type=None):
-  """Grouped matmul. lhs_MK: [M, K] rows sorted by group; rhs_EKN: [E, K, N]; group_sizes_E: int32 [E].
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm_vjp(lhs_MK, rhs_EKN, group_sizes_E, backend, out_dtype, interpret):
+  return _impl(backend, interpret)[0](lhs_MK, rhs_EKN, group_sizes_E, out_dtype)
 
-  Returns [M, N] in `preferred_element_type` (default: lhs dtype). Rows beyond sum(group_sizes_E) are zero.
-  """
+
+def _gmm_vjp_fwd(lhs_MK, rhs_EKN, group_sizes_E, backend, out_dtype, interpret):
+  out = _impl(backend, interpret)[0](lhs_MK, rhs_EKN, group_sizes_E, out_dtype)
+  return out, (lhs_MK, rhs_EKN, group_sizes_E)
+
+
+def _gmm_vjp_bwd(backend, out_dtype, interpret, res, dout_MN):
+  lhs_MK, rhs_EKN, group_sizes_E = res
+  mm, tmm = _impl(backend, interpret)
+  dout_MN = dout_MN.astype(lhs_MK.dtype)
+  dlhs = mm(dout_MN, jnp.swapaxes(rhs_EKN, 1, 2), group_sizes_E, jnp.float32).astype(lhs_MK.dtype)
+  drhs = tmm(lhs_MK, dout_MN, group_sizes_E, rhs_EKN.dtype)
+  return dlhs, drhs, None
+
+
+_gmm_vjp.defvjp(_gmm_vjp_fwd, _gmm_vjp_bwd)
+
+
+def _check(lhs_MK, rhs_EKN, group_sizes_E):
   if lhs_MK.ndim != 2 or rhs_EKN.ndim != 3 or group_sizes_E.ndim != 1:
     raise ValueError(f"gmm expects lhs [M,K], rhs [E,K,N], group_sizes [E]; got {lhs_MK.shape}, "
                      f"{rhs_EKN.shape}, {group_sizes_E.shape}")
   if lhs_MK.shape[1] != rhs_EKN.shape[1] or rhs_EKN.shape[0] != group_sizes_E.shape[0]:
     raise ValueError(f"gmm shape mismatch: lhs {lhs_MK.shape}, rhs {rhs_EKN.shape}, group_sizes {group_sizes_E.shape}")
-  out_dtype = preferred_element_type or lhs_MK.dtype
+
+
+def gmm(lhs_MK, rhs_EKN, group_sizes_E, *, backend: str = "auto", preferred_element_type=None,
+        interpret: bool | None = None):
+  """Grouped matmul. lhs_MK: [M, K] rows sorted by group; rhs_EKN: [E, K, N]; group_sizes_E: int [E] (zeros
+  allowed, sum <= M). Returns [M, N] in `preferred_element_type` (default: lhs dtype); rows beyond
+  sum(group_sizes_E) are zero."""
+  _check(lhs_MK, rhs_EKN, group_sizes_E)
+  out_dtype = jnp.dtype(preferred_element_type or lhs_MK.dtype)
+  interpret = _INTERPRET.get() if interpret is None else interpret
   group_sizes_E = group_sizes_E.astype(jnp.int32)
-  backend = resolve_backend(backend)
+  backend = resolve_backend(backend, interpret=interpret)
   if backend == "reference":
     return _reference(lhs_MK, rhs_EKN, group_sizes_E, out_dtype)
-  if backend == "tiled":
-    return _tiled(lhs_MK, rhs_EKN, group_sizes_E, out_dtype)
-  return jax.lax.ragged_dot(lhs_MK, rhs_EKN, group_sizes_E, preferred_element_type=out_dtype)
+  if backend == "ragged_dot":
+    return jax.lax.ragged_dot(lhs_MK, rhs_EKN, group_sizes_E, preferred_element_type=out_dtype)
+  return _gmm_vjp(lhs_MK, rhs_EKN, group_sizes_E, backend, out_dtype, interpret)
+
+
+def tgmm(lhs_MK, dout_MN, group_sizes_E, *, backend: str = "auto", preferred_element_type=None,
+         interpret: bool | None = None):
+  """Transposed grouped matmul: out[e] = lhs[rows of e]^T @ dout[rows of e], [E, K, N]; zero for empty groups."""
+  if lhs_MK.ndim != 2 or dout_MN.ndim != 2 or lhs_MK.shape[0] != dout_MN.shape[0] or group_sizes_E.ndim != 1:
+    raise ValueError(f"tgmm expects lhs [M,K], dout [M,N], group_sizes [E]; got {lhs_MK.shape}, "
+                     f"{dout_MN.shape}, {group_sizes_E.shape}")
+  out_dtype = jnp.dtype(preferred_element_type or lhs_MK.dtype)
+  interpret = _INTERPRET.get() if interpret is None else interpret
+  group_sizes_E = group_sizes_E.astype(jnp.int32)
+  backend = resolve_backend(backend, interpret=interpret)
+  if backend in ("reference", "ragged_dot"):
+    ends_E = jnp.cumsum(group_sizes_E)
+    rows_M = jnp.arange(lhs_MK.shape[0])
+    member_EM = (rows_M[None] >= (ends_E - group_sizes_E)[:, None]) & (rows_M[None] < ends_E[:, None])
+    return jnp.einsum("em,mk,mn->ekn", member_EM.astype(lhs_MK.dtype), lhs_MK, dout_MN,
+                      preferred_element_type=out_dtype)
+  return _impl(backend, interpret)[1](lhs_MK, dout_MN, group_sizes_E, out_dtype)

@@ -4,8 +4,8 @@ Both take the flattened tokens x [T, D], the router's choices idx/weight [T, K] 
 weights, and return y_t = sum_k g_t,k * FFN_{idx_t,k}(x_t) with FFN the SwiGLU expert.
 
 Dropless: the T*K token-copies are sorted by expert (a stable argsort, no [T, E] one-hot), gathered into
-expert-contiguous rows, pushed through the grouped matmul (`moe_jax.kernels.gmm`), gathered back to
-(token, k) order and summed with the gating weights. Every copy is computed.
+expert-contiguous rows (or expert-aligned tiles), pushed through the grouped matmul (`moe_jax.kernels`),
+gathered back to (token, k) order and summed with the gating weights. Every copy is computed.
 
 Capacity (GShard, Lepikhin et al. 2020; Switch): each expert has C = ceil(capacity_factor * T * K / E) slots.
 Copies claim slots in priority order -- all first choices (k=0) before second choices, tokens in order within a
@@ -19,7 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moe_jax.kernels import gmm
+from moe_jax.kernels import (gmm, live_tiles, permute, resolve_backend, rows_layout, tile_gmm, tile_rows_for,
+                             tiles_layout, unpermute)
 
 
 def inverse_permutation(order_M):
@@ -37,19 +38,38 @@ def expert_ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, ba
   return gmm(h_MF, w_down_EFD, group_sizes_E, backend=backend, preferred_element_type=f32)
 
 
+def _expert_ffn_tiles(x_XRD, group_X, n_live, w_gate_EDF, w_up_EDF, w_down_EFD):
+  """The SwiGLU experts on the tiles layout (portable backend): three tile matmuls, no row moves between them."""
+  dtype = x_XRD.dtype
+  f32 = jnp.float32
+  w_gate_EDF, w_up_EDF, w_down_EFD = (w.astype(dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+  gate = tile_gmm(x_XRD, w_gate_EDF, group_X, n_live, f32)
+  up = tile_gmm(x_XRD, w_up_EDF, group_X, n_live, f32)
+  return tile_gmm((jax.nn.silu(gate) * up).astype(dtype), w_down_EFD, group_X, n_live, f32)
+
+
 def dropless_dispatch(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, backend: str = "auto"):
-  """Dropless MoE: returns y [T, D] in x's dtype."""
+  """Dropless MoE: returns y [T, D] in x's dtype.
+
+  The token-copies are laid out once per layer (`moe_jax.kernels.layout`): expert-aligned tiles for the
+  portable "tiled" backend (all three matmuls then run tile by tile with no row moves in between), sorted rows
+  for the others. `permute` gathers the rows in, `unpermute` gathers them back and applies the gating weights.
+  """
   T, K = idx_TK.shape
-  E = w_gate_EDF.shape[0]
+  E, D, _ = w_gate_EDF.shape
+  backend = resolve_backend(backend)
   flat_expert_M = idx_TK.reshape(-1)  # M = T*K token-copies, in (token, k) order
-  order_M = jnp.argsort(flat_expert_M, stable=True)  # copy positions sorted by expert
-  token_of_M = order_M // K
-  x_sorted_MD = jnp.take(x_TD, token_of_M, axis=0)
-  group_sizes_E = jnp.bincount(flat_expert_M, length=E).astype(jnp.int32)
-  y_sorted_MD = expert_ffn_grouped(x_sorted_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, backend)
-  # Unsort by gathering with the inverse permutation: deterministic, no scatter-add.
-  y_TKD = jnp.take(y_sorted_MD, inverse_permutation(order_M), axis=0).reshape(T, K, -1)
-  y_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_TK.astype(jnp.float32))
+  if backend == "tiled":
+    lay = tiles_layout(flat_expert_M, E, tile_rows_for(T * K, E))
+    x_PD = permute(x_TD, lay.copy_of_slot_P, lay.slot_of_copy_M, K)
+    y_XRD = _expert_ffn_tiles(x_PD.reshape(-1, lay.tile_rows, D), lay.tile_group_X,
+                              live_tiles(lay.group_sizes_E, lay.tile_rows), w_gate_EDF, w_up_EDF, w_down_EFD)
+    y_PD = y_XRD.reshape(-1, D)
+  else:
+    lay = rows_layout(flat_expert_M, E)
+    x_PD = permute(x_TD, lay.copy_of_slot_P, lay.slot_of_copy_M, K)
+    y_PD = expert_ffn_grouped(x_PD, lay.group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, backend)
+  y_TD = unpermute(y_PD.astype(x_TD.dtype), weight_TK, lay.copy_of_slot_P, lay.slot_of_copy_M)
   return y_TD.astype(x_TD.dtype)
 
 
