@@ -12,5 +12,5 @@ from moe_jax.kernels.layout import Layout, live_tiles, rows_layout, tile_rows_fo
 from moe_jax.kernels.permute import permute, unpermute
 from moe_jax.kernels.xla_tiled import tile_gmm
 
-__all__ = ["BACKENDS", "Layout", "gmm", "interpret_kernels", "live_tiles", "permute", "resolve_backend", "rows_layout", "tgmm",
-           "tile_gmm", "tile_rows_for", "tiles_layout", "unpermute"]
+__all__ = ["BACKENDS", "Layout", "gmm", "interpret_kernels", "live_tiles", "permute", "resolve_backend",
+           "rows_layout", "tgmm", "tile_gmm", "tile_rows_for", "tiles_layout", "unpermute"]

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.kernels import pallas_tpu, xla_tiled
+from moe_jax.kernels.vma import match_varying
 
 BACKENDS = ("tiled", "ragged_dot", "pallas_tpu", "pallas_mosaic_gpu", "reference")
 # Where each backend runs natively. Pallas backends also run anywhere in interpret mode (slow; for tests).
@@ -134,7 +135,7 @@ def gmm(lhs_MK, rhs_EKN, group_sizes_E, *, backend: str = "auto", preferred_elem
     return _reference(lhs_MK, rhs_EKN, group_sizes_E, out_dtype)
   if backend == "ragged_dot":
     return jax.lax.ragged_dot(lhs_MK, rhs_EKN, group_sizes_E, preferred_element_type=out_dtype)
-  return _gmm_vjp(lhs_MK, rhs_EKN, group_sizes_E, backend, out_dtype, interpret)
+  return _gmm_vjp(*match_varying(lhs_MK, rhs_EKN, group_sizes_E), backend, out_dtype, interpret)
 
 
 def tgmm(lhs_MK, dout_MN, group_sizes_E, *, backend: str = "auto", preferred_element_type=None,

@@ -10,8 +10,14 @@ Tiles past the last live one (the static bound's slack) are skipped without load
 with bf16 (or f16) inputs and a float32 wgmma accumulator. Padding rows inside a partial tile are zero rows
 and produce zeros; dead tiles' output is never read back.
 
-The weight gradient (tgmm) uses the portable tile tgmm (`xla_tiled.tile_tgmm`: one batched matmul and a
-segment sum), which XLA runs on the GPU; a dedicated tgmm kernel is future work.
+The weight gradient (tgmm) is a second kernel: work items are (expert, K block, N block); each walks its
+expert's tiles (contiguous in the layout), TMA-loads the lhs and dout tiles and accumulates lhs^T @ dout with
+wgmma (transposed A from shared memory); experts with no rows write zeros:
+
+    drhs[e, k-block, n-block] = sum over tiles x of e of lhs[x, :, k-block]^T @ dout[x, :, n-block]
+
+The tgmm loads are not pipelined yet (one tile in flight): correct, not tuned. Under the GPU interpreter the
+wgmma with a transposed A operand (which the interpreter cannot read) is replaced by the same product as a dot.
 
 EXPERIMENTAL and opt-in: validated in Pallas' GPU interpret mode on CPU (tests/test_kernels.py); not in
 `auto` until it has run on a lent H100 (docs/benchmarks.md says whether it has).
@@ -34,7 +40,11 @@ try:  # the GPU interpreter's parameters are not re-exported by every jax versio
 except ImportError:  # pragma: no cover
   _InterpretParams = None
 
-NUM_SMS = 132  # H100 SXM; a persistent grid larger than the SM count only queues
+NUM_SMS = 132  # H100 SXM / H200; `_num_sms()` asks the device. A persistent grid beyond the SM count only queues
+
+
+def _num_sms() -> int:
+  return int(getattr(jax.devices()[0], "core_count", NUM_SMS) or NUM_SMS)
 
 
 def _tile_gmm_kernel(group_gmem, live_gmem, lhs_gmem, rhs_gmem, out_gmem, *, tm: int, tn: int, tk: int,
@@ -105,6 +115,73 @@ def tile_gmm(lhs_XRK, rhs_EKN, group_X, live_tiles, out_dtype, interpret: bool =
   return out.reshape(X, tm, N)
 
 
+def _tile_tgmm_kernel(start_gmem, end_gmem, lhs_gmem, dout_gmem, out_gmem, *, tm: int, tk: int, tn: int,
+                      n_groups: int, k_blocks: int, n_blocks: int, interpret: bool):
+
+  @plgpu.nd_loop((n_groups * k_blocks * n_blocks,), collective_axes="sm")
+  def _work(info):
+    (item,) = info.index
+    e, rest = item // (k_blocks * n_blocks), item % (k_blocks * n_blocks)
+    kb, nb = rest // n_blocks, rest % n_blocks
+
+    def smem_scope(a_smem, b_smem, barriers):
+      def load(x):
+        plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(x * tm, tm), pl.ds(kb * tk, tk)], a_smem, barriers.at[0])
+        plgpu.copy_gmem_to_smem(dout_gmem.at[pl.ds(x * tm, tm), pl.ds(nb * tn, tn)], b_smem, barriers.at[1])
+        plgpu.barrier_wait(barriers.at[0])
+        plgpu.barrier_wait(barriers.at[1])
+
+      if interpret:  # the GPU interpreter cannot read a transposed wgmma operand: same loop, a plain dot
+        def tile(x, acc):
+          load(x)
+          return acc + jnp.dot(a_smem[...].T, b_smem[...], preferred_element_type=jnp.float32)
+        return jax.lax.fori_loop(start_gmem[e], end_gmem[e], tile, jnp.zeros((tk, tn), jnp.float32))
+
+      def acc_scope(acc_ref):
+        @pl.loop(start_gmem[e], end_gmem[e])
+        def _tile(x):
+          load(x)
+          plgpu.wgmma(acc_ref, plgpu.transpose_ref(a_smem, (1, 0)), b_smem)  # Hopper: A transposed from SMEM
+          plgpu.wgmma_wait(0)  # the next copy overwrites a_smem / b_smem
+        return acc_ref[...]
+      return pl.run_scoped(acc_scope, plgpu.ACC((tk, tn)))
+
+    acc = pl.run_scoped(smem_scope, plgpu.SMEM((tm, tk), lhs_gmem.dtype), plgpu.SMEM((tm, tn), dout_gmem.dtype),
+                        plgpu.Barrier(num_barriers=2))
+
+    @partial(pl.run_scoped, o_smem=plgpu.SMEM((tk, tn), out_gmem.dtype))
+    def _(o_smem):
+      o_smem[...] = acc.astype(o_smem.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[e, pl.ds(kb * tk, tk), pl.ds(nb * tn, tn)])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+@partial(jax.jit, static_argnames=("num_groups", "out_dtype", "interpret", "tk", "tn", "num_sms"))
+def tile_tgmm(lhs_XRK, dout_XRN, group_X, live_tiles, num_groups: int, out_dtype, interpret: bool = False,
+              tk: int = 64, tn: int = 128, num_sms: int = NUM_SMS):
+  """drhs[e] = sum over live tiles x of group e of lhs[x]^T @ dout[x]: [E, K, N] (zeros for empty experts)."""
+  X, tm, K = lhs_XRK.shape
+  N = dout_XRN.shape[2]
+  tk, tn = _pick(K, tk), _pick(N, tn)
+  if tk % 64:
+    raise ValueError(f"pallas_mosaic_gpu tgmm needs K divisible by 64 (the wgmma height); got K={K}")
+  experts = jnp.arange(num_groups, dtype=jnp.int32)
+  start_E = jnp.minimum(jnp.searchsorted(group_X, experts, side="left"), live_tiles).astype(jnp.int32)
+  end_E = jnp.minimum(jnp.searchsorted(group_X, experts, side="right"), live_tiles).astype(jnp.int32)
+  n_items = num_groups * (K // tk) * (N // tn)
+  kernel = plgpu.kernel(
+      partial(_tile_tgmm_kernel, tm=tm, tk=tk, tn=tn, n_groups=num_groups, k_blocks=K // tk, n_blocks=N // tn,
+              interpret=interpret),
+      out_type=jax.ShapeDtypeStruct((num_groups, K, N), out_dtype),
+      grid=(min(num_sms, n_items),),
+      grid_names=("sm",),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=_interpret_params() if interpret else False,
+  )
+  return kernel(start_E, end_E, lhs_XRK.reshape(X * tm, K), dout_XRN.reshape(X * tm, N))
+
+
 _TILE_ROWS = 64  # one warpgroup's wgmma height; also bounds per-expert padding waste
 
 
@@ -116,12 +193,18 @@ def gmm(lhs_MK, rhs_EKN, group_sizes_E, out_dtype, interpret: bool = False):
   rhs_EKN = jnp.pad(rhs_EKN.astype(lhs_MK.dtype), ((0, 0), (0, pad_k), (0, pad_n)))
   lhs_XRK, row_of_slot_P, group_X = xla_tiled.rows_to_tiles(lhs_MK, group_sizes_E, _TILE_ROWS)
   live = layout_lib.live_tiles(group_sizes_E, _TILE_ROWS)
-  out_XRN = tile_gmm(lhs_XRK, rhs_EKN, group_X, live, jnp.dtype(out_dtype), interpret=interpret)
+  out_XRN = tile_gmm(lhs_XRK, rhs_EKN, group_X, live, jnp.dtype(out_dtype), interpret=interpret, num_sms=_num_sms())
   return xla_tiled.tiles_to_rows(out_XRN, row_of_slot_P, M)[:, :N]
 
 
 def tgmm(lhs_MK, dout_MN, group_sizes_E, out_dtype, interpret: bool = False):
-  del interpret  # the weight gradient is the portable tile tgmm (see the module docstring)
-  return xla_tiled.tgmm(lhs_MK, dout_MN, group_sizes_E, out_dtype)
-
-
+  K, N = lhs_MK.shape[1], dout_MN.shape[1]
+  pad_k, pad_n = -K % 64, -N % 16  # zero columns add zero rows / columns to the result, cut off below
+  lhs_MK = jnp.pad(lhs_MK, ((0, 0), (0, pad_k)))
+  dout_MN = jnp.pad(dout_MN.astype(lhs_MK.dtype), ((0, 0), (0, pad_n)))
+  lhs_XRK, _, group_X = xla_tiled.rows_to_tiles(lhs_MK, group_sizes_E, _TILE_ROWS)
+  dout_XRN, _, _ = xla_tiled.rows_to_tiles(dout_MN, group_sizes_E, _TILE_ROWS)
+  live = layout_lib.live_tiles(group_sizes_E, _TILE_ROWS)
+  out = tile_tgmm(lhs_XRK, dout_XRN, group_X, live, group_sizes_E.shape[0], jnp.dtype(out_dtype),
+                  interpret=interpret, num_sms=_num_sms())
+  return out[:, :K, :N]

@@ -17,6 +17,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from moe_jax.kernels.vma import match_varying
+
 
 def _take_or_zero(x_ND, idx_P):
   """x[idx] with a zero row for idx == N (out of range)."""
@@ -24,15 +26,19 @@ def _take_or_zero(x_ND, idx_P):
   return jnp.take(x_pad, idx_P, axis=0, mode="clip")
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
 def permute(x_TD, copy_of_slot_P, slot_of_copy_M, top_k: int):
   """Gathers each slot's token row: [P, D] (zero rows in padding slots)."""
+  return _permute(*match_varying(x_TD, copy_of_slot_P, slot_of_copy_M), top_k)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _permute(x_TD, copy_of_slot_P, slot_of_copy_M, top_k: int):
   return _take_or_zero(x_TD, jnp.where(copy_of_slot_P < slot_of_copy_M.shape[0], copy_of_slot_P // top_k,
                                        x_TD.shape[0]))
 
 
 def _permute_fwd(x_TD, copy_of_slot_P, slot_of_copy_M, top_k):
-  return permute(x_TD, copy_of_slot_P, slot_of_copy_M, top_k), (copy_of_slot_P, slot_of_copy_M)
+  return _permute(x_TD, copy_of_slot_P, slot_of_copy_M, top_k), (copy_of_slot_P, slot_of_copy_M)
 
 
 def _permute_bwd(top_k, res, dxs_PD):
@@ -41,19 +47,23 @@ def _permute_bwd(top_k, res, dxs_PD):
   return jnp.sum(dx_TKD.astype(jnp.float32), axis=1).astype(dxs_PD.dtype), None, None
 
 
-permute.defvjp(_permute_fwd, _permute_bwd)
+_permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+def unpermute(ys_PD, weight_TK, copy_of_slot_P, slot_of_copy_M):
+  """y[t] = sum_k w[t, k] ys[slot of (t, k)], float32 [T, D]."""
+  return _unpermute(*match_varying(ys_PD, weight_TK, copy_of_slot_P, slot_of_copy_M))
 
 
 @jax.custom_vjp
-def unpermute(ys_PD, weight_TK, copy_of_slot_P, slot_of_copy_M):
-  """y[t] = sum_k w[t, k] ys[slot of (t, k)], float32 [T, D]."""
+def _unpermute(ys_PD, weight_TK, copy_of_slot_P, slot_of_copy_M):
   T, K = weight_TK.shape
   y_TKD = jnp.take(ys_PD, slot_of_copy_M, axis=0).reshape(T, K, -1)
   return jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), weight_TK.astype(jnp.float32))
 
 
 def _unpermute_fwd(ys_PD, weight_TK, copy_of_slot_P, slot_of_copy_M):
-  return unpermute(ys_PD, weight_TK, copy_of_slot_P, slot_of_copy_M), (ys_PD, weight_TK, copy_of_slot_P,
+  return _unpermute(ys_PD, weight_TK, copy_of_slot_P, slot_of_copy_M), (ys_PD, weight_TK, copy_of_slot_P,
                                                                         slot_of_copy_M)
 
 
@@ -70,4 +80,4 @@ def _unpermute_bwd(res, dy_TD):
   return dys_PD, dw_TK, None, None
 
 
-unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)
+_unpermute.defvjp(_unpermute_fwd, _unpermute_bwd)

@@ -4,8 +4,16 @@ Each tile x holds R rows of one expert g(x) (see `layout.py`):
     out[x] = lhs[x] @ rhs[g(x)]                         (gmm: one batched matmul over tiles)
     drhs[e] = sum_{x: g(x)=e} lhs[x]^T @ dout[x]        (tgmm: per-tile products added into expert e)
 FLOPs are those of the X*R slots (the copies plus < R padding rows per expert); weight traffic is one K*N read
-per tile, read in place (never gathered into X copies). On CPU this is the default backend: `jax.lax.ragged_dot` there computes
-every group densely (E times the active FLOPs).
+per tile. On CPU this is the default backend: `jax.lax.ragged_dot` there computes every group densely (E times
+the active FLOPs).
+
+Two formulations of the same math, picked by platform:
+- "loop" (CPU): a loop over the live tiles that reads each tile's expert matrix in place. XLA CPU runs small
+  batched matmuls one at a time anyway, and gathering weights copies X*K*N values slowly, so the loop is ~2x
+  faster than the batched form there; dead tiles (the static bound's slack) cost nothing.
+- "batched" (GPU, TPU, other): one batched matmul per chunk of tiles over gathered expert weights (chunks of
+  at most `_CHUNK_BYTES` of weights, so V3-sized experts never materialise X copies). A loop of small
+  kernels would be launch-bound on an accelerator.
 """
 
 from __future__ import annotations
@@ -16,8 +24,55 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.kernels import layout as layout_lib
+from moe_jax.kernels.vma import match_varying, zeros_varying
 
 _UNROLL = 4  # tiles per loop iteration: amortises XLA CPU's per-iteration overhead over several matmuls
+_CHUNK_BYTES = 256 * 2**20  # gathered expert weights per batched matmul ("batched" formulation)
+_FORCE_FORMULATION = None  # "loop" | "batched" to override the platform's choice (tests)
+
+
+def _formulation() -> str:
+  return _FORCE_FORMULATION or ("loop" if jax.default_backend() == "cpu" else "batched")
+
+
+def _chunk_tiles(n_tiles: int, matrix_elems: int, itemsize: int) -> int:
+  """Tiles per chunk so that the chunk's per-tile [K, N] matrices stay within _CHUNK_BYTES."""
+  return max(1, min(n_tiles, _CHUNK_BYTES // max(1, matrix_elems * itemsize)))
+
+
+def _map_chunks(fn, n_tiles: int, chunk: int, *xs):
+  """fn over tile-leading arrays xs, `chunk` tiles at a time (one call when chunk >= n_tiles)."""
+  if chunk >= n_tiles:
+    return fn(*xs)
+  xs = [_padded(x, chunk) for x in xs]  # padded tiles are zero rows of group 0: they add nothing
+  out = jax.lax.map(lambda args: fn(*args), [x.reshape((-1, chunk) + x.shape[1:]) for x in xs])
+  return out.reshape((-1,) + out.shape[2:])[:n_tiles]
+
+
+def _batched_gmm(lhs_XRK, rhs_EKN, group_X, out_dtype, transpose_rhs):
+  X = lhs_XRK.shape[0]
+  spec = "xrk,xnk->xrn" if transpose_rhs else "xrk,xkn->xrn"
+  mm = lambda l, g: jnp.einsum(spec, l, rhs_EKN[g], preferred_element_type=out_dtype)
+  chunk = _chunk_tiles(X, rhs_EKN.shape[1] * rhs_EKN.shape[2], rhs_EKN.dtype.itemsize)
+  return _map_chunks(mm, X, chunk, lhs_XRK, group_X)
+
+
+def _batched_tgmm(lhs_XRK, dout_XRN, group_X, num_groups: int, out_dtype):
+  X, _, K = lhs_XRK.shape
+  N = dout_XRN.shape[2]
+  prod = lambda l, d: jnp.einsum("xrk,xrn->xkn", l, d, preferred_element_type=jnp.float32)
+  chunk = _chunk_tiles(X, K * N, 4)
+  if chunk >= X:
+    out = jax.ops.segment_sum(prod(lhs_XRK, dout_XRN), group_X, num_groups, indices_are_sorted=True)
+    return out.astype(out_dtype)
+
+  def body(acc_EKN, args):
+    l, d, g = args
+    return acc_EKN.at[g].add(prod(l, d)), None
+  xs = [_padded(x, chunk) for x in (lhs_XRK, dout_XRN, group_X)]
+  acc, _ = jax.lax.scan(body, zeros_varying((num_groups, K, N), jnp.float32, lhs_XRK, dout_XRN, group_X),
+                        [x.reshape((-1, chunk) + x.shape[1:]) for x in xs])
+  return acc.astype(out_dtype)
 
 
 def _iterations(n_live):
@@ -40,6 +95,8 @@ def tile_gmm_fwd(lhs_XRK, rhs_EKN, group_X, n_live, out_dtype, transpose_rhs: bo
   """
   X, R, _ = lhs_XRK.shape
   rhs_EKN = jnp.asarray(rhs_EKN)
+  if _formulation() == "batched":  # dead tiles are zero rows: computing them is harmless
+    return _batched_gmm(jnp.asarray(lhs_XRK), rhs_EKN, group_X, out_dtype, transpose_rhs)
   N = rhs_EKN.shape[1 if transpose_rhs else 2]
   contract = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
   lhs, group = _padded(jnp.asarray(lhs_XRK), _UNROLL), _padded(group_X, _UNROLL)
@@ -50,8 +107,8 @@ def tile_gmm_fwd(lhs_XRK, rhs_EKN, group_X, n_live, out_dtype, transpose_rhs: bo
       tile = jax.lax.dot_general(lhs[x], rhs_EKN[group[x]], contract, preferred_element_type=out_dtype)
       out = jax.lax.dynamic_update_index_in_dim(out, tile, x, 0)
     return out
-  out = jax.lax.fori_loop(0, _iterations(n_live), body, jnp.zeros((lhs.shape[0], R, N), out_dtype))
-  return out[:X]
+  out0 = zeros_varying((lhs.shape[0], R, N), out_dtype, lhs, rhs_EKN, group, n_live)
+  return jax.lax.fori_loop(0, _iterations(n_live), body, out0)[:X]
 
 
 def tile_tgmm(lhs_XRK, dout_XRN, group_X, n_live, num_groups: int, out_dtype):
@@ -61,22 +118,31 @@ def tile_tgmm(lhs_XRK, dout_XRN, group_X, n_live, num_groups: int, out_dtype):
   once: a per-tile read-modify-write of the [E, K, N] result would move K*N values per tile, which dominates
   when experts are many and small.
   """
+  if _formulation() == "batched":
+    return _batched_tgmm(lhs_XRK, dout_XRN, group_X, num_groups, out_dtype)
   K, N = lhs_XRK.shape[2], dout_XRN.shape[2]
   experts = jnp.arange(num_groups, dtype=jnp.int32)
   start_E = jnp.minimum(jnp.searchsorted(group_X, experts, side="left"), n_live).astype(jnp.int32)
   end_E = jnp.minimum(jnp.searchsorted(group_X, experts, side="right"), n_live).astype(jnp.int32)
 
+  operands = (lhs_XRK, dout_XRN, group_X, n_live)
+
   def expert(e, out_EKN):
     tile = lambda x, acc: acc + jnp.dot(lhs_XRK[x].T, dout_XRN[x], preferred_element_type=jnp.float32)
-    acc_KN = jax.lax.fori_loop(start_E[e], end_E[e], tile, jnp.zeros((K, N), jnp.float32))
+    acc_KN = jax.lax.fori_loop(start_E[e], end_E[e], tile, zeros_varying((K, N), jnp.float32, *operands))
     return jax.lax.dynamic_update_index_in_dim(out_EKN, acc_KN.astype(out_dtype), e, 0)
-  return jax.lax.fori_loop(0, num_groups, expert, jnp.zeros((num_groups, K, N), out_dtype))
+  return jax.lax.fori_loop(0, num_groups, expert, zeros_varying((num_groups, K, N), out_dtype, *operands))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
 def tile_gmm(lhs_XRK, rhs_EKN, group_X, n_live, out_dtype):
   """Differentiable tile matmul over the first n_live tiles (the rest are zero): d lhs by the transposed tile
   matmul, d rhs by the tile tgmm."""
+  lhs_XRK, rhs_EKN, group_X, n_live = match_varying(jnp.asarray(lhs_XRK), jnp.asarray(rhs_EKN), group_X, n_live)
+  return _tile_gmm(lhs_XRK, rhs_EKN, group_X, n_live, out_dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _tile_gmm(lhs_XRK, rhs_EKN, group_X, n_live, out_dtype):
   return tile_gmm_fwd(lhs_XRK, rhs_EKN, group_X, n_live, out_dtype)
 
 
@@ -92,7 +158,7 @@ def _tile_gmm_bwd(out_dtype, res, dout_XRN):
   return dlhs, drhs, None, None
 
 
-tile_gmm.defvjp(_tile_gmm_fwd, _tile_gmm_bwd)
+_tile_gmm.defvjp(_tile_gmm_fwd, _tile_gmm_bwd)
 
 
 # ---- the row-layout API (what `gmm` exposes): rows are moved into tiles and back around the tile matmul ----

@@ -39,13 +39,15 @@ def expert_ffn_grouped(x_MD, group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, ba
 
 
 def _expert_ffn_tiles(x_XRD, group_X, n_live, w_gate_EDF, w_up_EDF, w_down_EFD):
-  """The SwiGLU experts on the tiles layout (portable backend): three tile matmuls, no row moves between them."""
+  """The SwiGLU experts on the tiles layout (portable backend): the gate and up projections as one tile matmul
+  against [w_gate | w_up] (one pass over the tiles instead of two), then the down projection; no row moves."""
   dtype = x_XRD.dtype
   f32 = jnp.float32
-  w_gate_EDF, w_up_EDF, w_down_EFD = (w.astype(dtype) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
-  gate = tile_gmm(x_XRD, w_gate_EDF, group_X, n_live, f32)
-  up = tile_gmm(x_XRD, w_up_EDF, group_X, n_live, f32)
-  return tile_gmm((jax.nn.silu(gate) * up).astype(dtype), w_down_EFD, group_X, n_live, f32)
+  F = w_gate_EDF.shape[2]
+  w_gate_up_ED2F = jnp.concatenate([w_gate_EDF, w_up_EDF], axis=2).astype(dtype)
+  gate_up = tile_gmm(x_XRD, w_gate_up_ED2F, group_X, n_live, f32)
+  h_XRF = (jax.nn.silu(gate_up[..., :F]) * gate_up[..., F:]).astype(dtype)
+  return tile_gmm(h_XRF, w_down_EFD.astype(dtype), group_X, n_live, f32)
 
 
 def dropless_dispatch(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, backend: str = "auto"):
