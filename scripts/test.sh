@@ -10,4 +10,4 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e ".[test]"
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-exec "$VENV/bin/python" -m pytest -n "${PYTEST_WORKERS:-auto}" --dist loadgroup --durations=15 "$@"
+exec "$VENV/bin/python" -m pytest -n "${PYTEST_WORKERS:-auto}" --durations=15 "$@"

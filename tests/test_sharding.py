@@ -1,6 +1,7 @@
 """Data / FSDP / expert / tensor parallelism on 8 fake CPU devices (run in a subprocess: tests/sharding_worker.py),
 node-limited routing, and the mesh config checks."""
 
+import fcntl
 import json
 import os
 import subprocess
@@ -17,20 +18,32 @@ from moe_jax.sharding import base_mesh_config, mesh_shape, rules_of
 from moe_jax.training.config import validate_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# One xdist worker runs this whole module (loadgroup); the fixture is session-scoped because xdist may interleave
-# other modules on that worker, and a module-scoped fixture would then start the 8-device subprocess twice.
-pytestmark = pytest.mark.xdist_group("sharding")
 MESHES = ("data8", "fsdp8", "data2_expert4", "fsdp2_expert2_tensor2")
 
 
-@pytest.fixture(scope="session")
-def worker(tmp_path_factory):
+def _run_worker(ckpt_dir) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_worker.py"), str(tmp_path_factory.mktemp("ck"))],
+  proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_worker.py"), str(ckpt_dir)],
                         capture_output=True, text=True, env=env, timeout=1200)
   lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, proc.stderr[-4000:]
   return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="session")
+def worker(tmp_path_factory):
+  """The 8-device subprocess's results, computed once per test run. Under xdist the tests of this module may land
+  on several workers (each with its own session), so the first one runs the subprocess under a file lock in the
+  run's shared temp directory and the others wait for and read its results instead of recomputing them."""
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    return _run_worker(tmp_path_factory.mktemp("ck"))
+  shared = tmp_path_factory.getbasetemp().parent  # this run's directory, common to its xdist workers
+  with open(shared / "sharding_worker.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    cached = shared / "sharding_worker.json"
+    if not cached.exists():
+      cached.write_text(json.dumps(_run_worker(tmp_path_factory.mktemp("ck"))))
+    return json.loads(cached.read_text())
 
 
 @pytest.mark.parametrize("name", MESHES)

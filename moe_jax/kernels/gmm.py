@@ -9,8 +9,8 @@ Backends (`BACKENDS`):
 - "tiled": portable XLA on the tiles layout (`xla_tiled.py`); cost ~ the rows' FLOPs whatever E is. Default on
   CPU, validated on CPU.
 - "ragged_dot": `jax.lax.ragged_dot` (JAX's own AD). On CPU it computes every group densely (cost ~ E x the
-  active FLOPs); on GPU/TPU the compiler decides. Default on GPU and TPU (validated there by earlier sessions'
-  runs; see docs/benchmarks.md).
+  active FLOPs); on GPU/TPU the compiler decides. Default on GPU (run on a lent H100 in issue #2's session; see
+  docs/benchmarks.md) and on TPU (XLA's own lowering; no TPU has been lent to this project).
 - "pallas_tpu": megablox-style Pallas TPU kernel (`pallas_tpu.py`). EXPERIMENTAL: checked only in the TPU
   interpreter on CPU; never run on a TPU. Opt-in.
 - "pallas_mosaic_gpu": Pallas Mosaic GPU (Hopper wgmma) kernel (`pallas_mosaic_gpu.py`). EXPERIMENTAL: opt-in
@@ -140,7 +140,10 @@ def gmm(lhs_MK, rhs_EKN, group_sizes_E, *, backend: str = "auto", preferred_elem
 
 def tgmm(lhs_MK, dout_MN, group_sizes_E, *, backend: str = "auto", preferred_element_type=None,
          interpret: bool | None = None):
-  """Transposed grouped matmul: out[e] = lhs[rows of e]^T @ dout[rows of e], [E, K, N]; zero for empty groups."""
+  """Transposed grouped matmul: out[e] = lhs[rows of e]^T @ dout[rows of e], [E, K, N]; zero for empty groups.
+
+  "ragged_dot" and "reference" share one reference formulation (a [E, M] membership mask: E times the FLOPs);
+  gmm's gradient for those backends comes from JAX's autodiff, not from this function."""
   if lhs_MK.ndim != 2 or dout_MN.ndim != 2 or lhs_MK.shape[0] != dout_MN.shape[0] or group_sizes_E.ndim != 1:
     raise ValueError(f"tgmm expects lhs [M,K], dout [M,N], group_sizes [E]; got {lhs_MK.shape}, "
                      f"{dout_MN.shape}, {group_sizes_E.shape}")
