@@ -34,6 +34,22 @@ class Layout(NamedTuple):
     return self.copy_of_slot_P.shape[0]
 
 
+def gather_or_zero(x_ND, idx_P):
+  """x[idx] with a zero row wherever idx == N (the out-of-range index marking a padding slot)."""
+  x_pad = jnp.concatenate([x_ND, jnp.zeros((1,) + x_ND.shape[1:], x_ND.dtype)], axis=0)
+  return jnp.take(x_pad, idx_P, axis=0, mode="clip")
+
+
+def scatter_slots(values_P, index_P, size: int):
+  """out[index[p]] = values[p] for index < size, into zeros of length `size`. The live indices must be distinct;
+  padding slots write to distinct out-of-range indices (dropped), so every index stays unique and the scatter
+  needs no conflict handling."""
+  P = index_P.shape[0]
+  write_P = jnp.where(index_P < size, index_P, size + jnp.arange(P, dtype=index_P.dtype))
+  return jnp.zeros((size,) + values_P.shape[1:], values_P.dtype).at[write_P].set(
+      values_P, mode="drop", unique_indices=True)
+
+
 def tile_rows_for(num_rows: int, num_groups: int, max_rows: int = 128, min_rows: int = 8) -> int:
   """A static tile height R: the largest power of two <= max_rows with groups * R <= rows / 2.
 
@@ -92,12 +108,15 @@ def tiles_layout(expert_M, num_experts: int, tile_rows: int) -> Layout:
   rows = rows_layout(expert_M, num_experts)
   M = expert_M.shape[0]
   row_of_slot_P, group_X = tiles_from_rows(rows.group_sizes_E, M, tile_rows)
-  live_P = row_of_slot_P < M
-  copy_of_slot_P = jnp.where(live_P, rows.copy_of_slot_P[jnp.minimum(row_of_slot_P, M - 1)], M)
-  # Invert: live slots hold each copy exactly once; padding slots write to distinct out-of-range indices
-  # (dropped), so the indices are unique.
-  P = copy_of_slot_P.shape[0]
-  write_P = jnp.where(live_P, copy_of_slot_P, M + jnp.arange(P))
-  slot_of_copy_M = jnp.zeros((M,), jnp.int32).at[write_P].set(
-      jnp.arange(P, dtype=jnp.int32), mode="drop", unique_indices=True)
-  return Layout(copy_of_slot_P.astype(jnp.int32), slot_of_copy_M, rows.group_sizes_E, group_X, tile_rows)
+  copy_of_slot_P = jnp.where(row_of_slot_P < M, rows.copy_of_slot_P[jnp.minimum(row_of_slot_P, M - 1)], M)
+  copy_of_slot_P = copy_of_slot_P.astype(jnp.int32)
+  slot_of_copy_M = scatter_slots(jnp.arange(copy_of_slot_P.shape[0], dtype=jnp.int32), copy_of_slot_P, M)
+  return Layout(copy_of_slot_P, slot_of_copy_M, rows.group_sizes_E, group_X, tile_rows)
+
+
+def group_tile_ranges(group_X, n_live, num_groups: int):
+  """[start_E, end_E): each expert's live tiles in the tiles layout (contiguous; empty experts get start == end)."""
+  experts = jnp.arange(num_groups, dtype=jnp.int32)
+  start_E = jnp.minimum(jnp.searchsorted(group_X, experts, side="left"), n_live).astype(jnp.int32)
+  end_E = jnp.minimum(jnp.searchsorted(group_X, experts, side="right"), n_live).astype(jnp.int32)
+  return start_E, end_E

@@ -85,6 +85,14 @@ def _interpret_params():
   return _InterpretParams()
 
 
+def _persistent_kernel(body, out_type, n_items: int, num_sms: int, interpret: bool):
+  """A kernel whose CTAs (at most one per SM) stride over `n_items` work items with `nd_loop(..., "sm")`."""
+  return plgpu.kernel(
+      body, out_type=out_type, grid=(min(num_sms, n_items),), grid_names=("sm",),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=_interpret_params() if interpret else False)
+
+
 def _pick(dim: int, preferred: int) -> int:
   for t in (preferred, 128, 64, 32, 16):
     if t <= preferred and dim % t == 0:
@@ -101,15 +109,10 @@ def tile_gmm(lhs_XRK, rhs_EKN, group_X, live_tiles, out_dtype, interpret: bool =
   tn, tk = _pick(N, tn), _pick(K, tk)
   if tm % 64:
     raise ValueError(f"pallas_mosaic_gpu needs tiles of a multiple of 64 rows (one warpgroup's wgmma); got {tm}")
-  kernel = plgpu.kernel(
+  kernel = _persistent_kernel(
       partial(_tile_gmm_kernel, tm=tm, tn=tn, tk=tk, n_tiles=X, n_blocks=N // tn, k_steps=K // tk,
               max_concurrent_steps=max_concurrent_steps),
-      out_type=jax.ShapeDtypeStruct((X * tm, N), out_dtype),
-      grid=(min(num_sms, X * (N // tn)),),
-      grid_names=("sm",),
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=_interpret_params() if interpret else False,
-  )
+      jax.ShapeDtypeStruct((X * tm, N), out_dtype), X * (N // tn), num_sms, interpret)
   out = kernel(group_X.astype(jnp.int32), jnp.reshape(live_tiles, (1,)).astype(jnp.int32),
                lhs_XRK.reshape(X * tm, K), rhs_EKN)
   return out.reshape(X, tm, N)
@@ -166,19 +169,11 @@ def tile_tgmm(lhs_XRK, dout_XRN, group_X, live_tiles, num_groups: int, out_dtype
   tk, tn = _pick(K, tk), _pick(N, tn)
   if tk % 64:
     raise ValueError(f"pallas_mosaic_gpu tgmm needs K divisible by 64 (the wgmma height); got K={K}")
-  experts = jnp.arange(num_groups, dtype=jnp.int32)
-  start_E = jnp.minimum(jnp.searchsorted(group_X, experts, side="left"), live_tiles).astype(jnp.int32)
-  end_E = jnp.minimum(jnp.searchsorted(group_X, experts, side="right"), live_tiles).astype(jnp.int32)
-  n_items = num_groups * (K // tk) * (N // tn)
-  kernel = plgpu.kernel(
+  start_E, end_E = layout_lib.group_tile_ranges(group_X, live_tiles, num_groups)
+  kernel = _persistent_kernel(
       partial(_tile_tgmm_kernel, tm=tm, tk=tk, tn=tn, n_groups=num_groups, k_blocks=K // tk, n_blocks=N // tn,
               interpret=interpret),
-      out_type=jax.ShapeDtypeStruct((num_groups, K, N), out_dtype),
-      grid=(min(num_sms, n_items),),
-      grid_names=("sm",),
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=_interpret_params() if interpret else False,
-  )
+      jax.ShapeDtypeStruct((num_groups, K, N), out_dtype), num_groups * (K // tk) * (N // tn), num_sms, interpret)
   return kernel(start_E, end_E, lhs_XRK.reshape(X * tm, K), dout_XRN.reshape(X * tm, N))
 
 
@@ -191,7 +186,8 @@ def gmm(lhs_MK, rhs_EKN, group_sizes_E, out_dtype, interpret: bool = False):
   pad_k, pad_n = -K % 16, -N % 16  # TMA/wgmma tiles are multiples of 16 wide; zero columns change nothing
   lhs_MK = jnp.pad(lhs_MK, ((0, 0), (0, pad_k)))
   rhs_EKN = jnp.pad(rhs_EKN.astype(lhs_MK.dtype), ((0, 0), (0, pad_k), (0, pad_n)))
-  lhs_XRK, row_of_slot_P, group_X = xla_tiled.rows_to_tiles(lhs_MK, group_sizes_E, _TILE_ROWS)
+  row_of_slot_P, group_X = layout_lib.tiles_from_rows(group_sizes_E, M, _TILE_ROWS)
+  lhs_XRK = xla_tiled.rows_to_tiles(lhs_MK, row_of_slot_P, _TILE_ROWS)
   live = layout_lib.live_tiles(group_sizes_E, _TILE_ROWS)
   out_XRN = tile_gmm(lhs_XRK, rhs_EKN, group_X, live, jnp.dtype(out_dtype), interpret=interpret, num_sms=_num_sms())
   return xla_tiled.tiles_to_rows(out_XRN, row_of_slot_P, M)[:, :N]
@@ -202,8 +198,9 @@ def tgmm(lhs_MK, dout_MN, group_sizes_E, out_dtype, interpret: bool = False):
   pad_k, pad_n = -K % 64, -N % 16  # zero columns add zero rows / columns to the result, cut off below
   lhs_MK = jnp.pad(lhs_MK, ((0, 0), (0, pad_k)))
   dout_MN = jnp.pad(dout_MN.astype(lhs_MK.dtype), ((0, 0), (0, pad_n)))
-  lhs_XRK, _, group_X = xla_tiled.rows_to_tiles(lhs_MK, group_sizes_E, _TILE_ROWS)
-  dout_XRN, _, _ = xla_tiled.rows_to_tiles(dout_MN, group_sizes_E, _TILE_ROWS)
+  row_of_slot_P, group_X = layout_lib.tiles_from_rows(group_sizes_E, lhs_MK.shape[0], _TILE_ROWS)
+  lhs_XRK = xla_tiled.rows_to_tiles(lhs_MK, row_of_slot_P, _TILE_ROWS)
+  dout_XRN = xla_tiled.rows_to_tiles(dout_MN, row_of_slot_P, _TILE_ROWS)
   live = layout_lib.live_tiles(group_sizes_E, _TILE_ROWS)
   out = tile_tgmm(lhs_XRK, dout_XRN, group_X, live, group_sizes_E.shape[0], jnp.dtype(out_dtype),
                   interpret=interpret, num_sms=_num_sms())

@@ -17,13 +17,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from moe_jax.kernels.layout import gather_or_zero
 from moe_jax.kernels.vma import match_varying
-
-
-def _take_or_zero(x_ND, idx_P):
-  """x[idx] with a zero row for idx == N (out of range)."""
-  x_pad = jnp.concatenate([x_ND, jnp.zeros((1,) + x_ND.shape[1:], x_ND.dtype)], axis=0)
-  return jnp.take(x_pad, idx_P, axis=0, mode="clip")
 
 
 def permute(x_TD, copy_of_slot_P, slot_of_copy_M, top_k: int):
@@ -33,7 +28,7 @@ def permute(x_TD, copy_of_slot_P, slot_of_copy_M, top_k: int):
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _permute(x_TD, copy_of_slot_P, slot_of_copy_M, top_k: int):
-  return _take_or_zero(x_TD, jnp.where(copy_of_slot_P < slot_of_copy_M.shape[0], copy_of_slot_P // top_k,
+  return gather_or_zero(x_TD, jnp.where(copy_of_slot_P < slot_of_copy_M.shape[0], copy_of_slot_P // top_k,
                                        x_TD.shape[0]))
 
 

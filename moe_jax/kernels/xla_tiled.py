@@ -121,9 +121,7 @@ def tile_tgmm(lhs_XRK, dout_XRN, group_X, n_live, num_groups: int, out_dtype):
   if _formulation() == "batched":
     return _batched_tgmm(lhs_XRK, dout_XRN, group_X, num_groups, out_dtype)
   K, N = lhs_XRK.shape[2], dout_XRN.shape[2]
-  experts = jnp.arange(num_groups, dtype=jnp.int32)
-  start_E = jnp.minimum(jnp.searchsorted(group_X, experts, side="left"), n_live).astype(jnp.int32)
-  end_E = jnp.minimum(jnp.searchsorted(group_X, experts, side="right"), n_live).astype(jnp.int32)
+  start_E, end_E = layout_lib.group_tile_ranges(group_X, n_live, num_groups)
 
   operands = (lhs_XRK, dout_XRN, group_X, n_live)
 
@@ -163,32 +161,29 @@ _tile_gmm.defvjp(_tile_gmm_fwd, _tile_gmm_bwd)
 
 # ---- the row-layout API (what `gmm` exposes): rows are moved into tiles and back around the tile matmul ----
 
-def rows_to_tiles(x_MK, group_sizes_E, tile_rows: int):
-  M = x_MK.shape[0]
-  row_of_slot_P, group_X = layout_lib.tiles_from_rows(group_sizes_E, M, tile_rows)
-  x_pad = jnp.concatenate([x_MK, jnp.zeros((1, x_MK.shape[1]), x_MK.dtype)], axis=0)
-  return x_pad[row_of_slot_P].reshape(-1, tile_rows, x_MK.shape[1]), row_of_slot_P, group_X
+def rows_to_tiles(x_MK, row_of_slot_P, tile_rows: int):
+  """The rows layout's rows moved into tiles ([X, R, K]; zero rows in padding slots), given
+  `layout.tiles_from_rows`'s slot map."""
+  return layout_lib.gather_or_zero(x_MK, row_of_slot_P).reshape(-1, tile_rows, x_MK.shape[1])
 
 
 def tiles_to_rows(out_XRN, row_of_slot_P, M: int):
-  # Live slots write distinct rows; padding slots write distinct out-of-range rows that are dropped.
-  P = row_of_slot_P.shape[0]
-  write_P = jnp.where(row_of_slot_P < M, row_of_slot_P, M + jnp.arange(P))
-  return jnp.zeros((M, out_XRN.shape[2]), out_XRN.dtype).at[write_P].set(
-      out_XRN.reshape(P, -1), mode="drop", unique_indices=True)
+  """The inverse move: each live slot's row back to its place in the rows layout ([M, N]; zeros past the groups)."""
+  return layout_lib.scatter_slots(out_XRN.reshape(row_of_slot_P.shape[0], -1), row_of_slot_P, M)
 
 
 def gmm(lhs_MK, rhs_EKN, group_sizes_E, out_dtype):
   M, E = lhs_MK.shape[0], rhs_EKN.shape[0]
   tile_rows = layout_lib.tile_rows_for(M, E)
-  lhs_XRK, row_of_slot_P, group_X = rows_to_tiles(lhs_MK, group_sizes_E, tile_rows)
+  row_of_slot_P, group_X = layout_lib.tiles_from_rows(group_sizes_E, M, tile_rows)
   n_live = layout_lib.live_tiles(group_sizes_E, tile_rows)
-  return tiles_to_rows(tile_gmm_fwd(lhs_XRK, rhs_EKN, group_X, n_live, out_dtype), row_of_slot_P, M)
+  out_XRN = tile_gmm_fwd(rows_to_tiles(lhs_MK, row_of_slot_P, tile_rows), rhs_EKN, group_X, n_live, out_dtype)
+  return tiles_to_rows(out_XRN, row_of_slot_P, M)
 
 
 def tgmm(lhs_MK, dout_MN, group_sizes_E, out_dtype):
   M, E = lhs_MK.shape[0], group_sizes_E.shape[0]
   tile_rows = layout_lib.tile_rows_for(M, E)
-  lhs_XRK, _, group_X = rows_to_tiles(lhs_MK, group_sizes_E, tile_rows)
-  dout_XRN, _, _ = rows_to_tiles(dout_MN, group_sizes_E, tile_rows)
-  return tile_tgmm(lhs_XRK, dout_XRN, group_X, layout_lib.live_tiles(group_sizes_E, tile_rows), E, out_dtype)
+  row_of_slot_P, group_X = layout_lib.tiles_from_rows(group_sizes_E, M, tile_rows)
+  return tile_tgmm(rows_to_tiles(lhs_MK, row_of_slot_P, tile_rows), rows_to_tiles(dout_MN, row_of_slot_P, tile_rows),
+                   group_X, layout_lib.live_tiles(group_sizes_E, tile_rows), E, out_dtype)
