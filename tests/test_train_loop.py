@@ -132,6 +132,14 @@ def test_train_and_evaluate_end_to_end_then_resume_is_a_no_op(tmp_path):
   # Same command again: resumes at the end, trains nothing, reports the same numbers.
   again = train_and_evaluate(c, work, log=lambda _: None)
   assert again["bits_per_byte"] == pytest.approx(result["bits_per_byte"], rel=1e-6)
+  # The workdir serves inference: the generate entry point as users run it, speculative, with --json.
+  out = subprocess.run([sys.executable, "-m", "moe_jax.generate", f"--checkpoint={work}", "--prompt=def f(",
+                        "--max_new_tokens=6", "--speculative", "--json"], capture_output=True, text=True, cwd=REPO,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  gen = json.loads(out.stdout.strip().splitlines()[-1])
+  assert len(gen["tokens"]) == 6 and 0 <= gen["acceptance_rate"] <= 1 and gen["checkpoint"].endswith("step 12")
+  assert isinstance(gen["text"], str) and gen["prompt_ids"][0] == 256  # <bos> of the byte tokenizer
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path):

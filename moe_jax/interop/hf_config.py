@@ -75,3 +75,38 @@ def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
 def fp8_block_size(hf: dict) -> tuple[int, int]:
   q = hf.get("quantization_config") or {}
   return tuple(q.get("weight_block_size") or (128, 128))
+
+
+def hf_config_from_model(cfg: Any, dtype: str = "float32") -> dict:
+  """The DeepseekV3/V2 config.json for a moe_jax model config (the inverse of `model_config_from_hf`).
+
+  V3 (`deepseek_v3`) is sigmoid scoring with noaux_tc selection; V2 (`deepseek_v2`) is softmax with greedy or
+  group_limited_greedy. Other combinations have no published format and raise. RoPE is written both ways
+  (`rope_parameters`, as transformers >= 5 writes, and the releases' `rope_theta` + `rope_scaling`).
+  """
+  if cfg.scoring_func == "sigmoid" and cfg.topk_method == "noaux_tc":
+    model_type, arch = "deepseek_v3", "DeepseekV3ForCausalLM"
+  elif cfg.scoring_func == "softmax" and cfg.topk_method in ("greedy", "group_limited_greedy"):
+    model_type, arch = "deepseek_v2", "DeepseekV2ForCausalLM"
+    if not cfg.rope_interleave:
+      raise ValueError("rope_interleave=False cannot be exported as deepseek_v2 (V2 always interleaves)")
+  else:
+    raise ValueError(f"scoring_func={cfg.scoring_func!r} with topk_method={cfg.topk_method!r} has no published "
+                     "checkpoint format: deepseek_v3 is sigmoid + noaux_tc, deepseek_v2 is softmax + greedy or "
+                     "group_limited_greedy")
+  hf = {name: cfg[name] for name in _ARCH_FIELDS}
+  hf.update(model_type=model_type, architectures=[arch], torch_dtype=dtype, dtype=dtype,
+            num_key_value_heads=cfg.num_attention_heads, rope_theta=float(cfg.rope_theta))
+  if model_type == "deepseek_v2":
+    hf.pop("rope_interleave")
+    hf.pop("num_nextn_predict_layers")
+  if cfg.topk_method == "greedy" or cfg.n_group <= 1:
+    hf["n_group"], hf["topk_group"] = (None, None) if model_type == "deepseek_v2" else (1, 1)
+  if cfg.rope_scaling is None:
+    hf["rope_scaling"] = None
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+  else:
+    yarn = {k: v for k, v in dict(cfg.rope_scaling).items() if k != "type"}
+    hf["rope_scaling"] = {"type": "yarn", **yarn}
+    hf["rope_parameters"] = {"rope_type": "yarn", "rope_theta": float(cfg.rope_theta), **yarn}
+  return hf

@@ -1,7 +1,8 @@
-"""Load DeepSeek-V2/V3 checkpoints in the published (HF) format: config.json + safetensors.
+"""Load and save DeepSeek-V2/V3 checkpoints in the published (HF) format: config.json + safetensors.
 
     model_config, params = moe_jax.interop.huggingface.load("/path/to/DeepSeek-V3", dtype=jnp.bfloat16)
     logits, aux = Transformer(model_config).apply({"params": params}, tokens)
+    moe_jax.interop.huggingface.save(model_config, params, "/path/to/export")   # loads in transformers
 
 Handles single-file and sharded (`model.safetensors.index.json`) checkpoints, the V3 release's FP8 e4m3 weights
 with 128x128-block `weight_scale_inv` (dequantised on load), per-expert tensors, the MTP layer stored as layer
@@ -22,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from flax.core import meta
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from moe_jax.interop.hf_config import fp8_block_size, model_config_from_hf
+from moe_jax.interop.hf_config import fp8_block_size, hf_config_from_model, model_config_from_hf
 from moe_jax.interop.hf_layout import checkpoint_layout, mtp_layers_present
-from moe_jax.interop.safetensors_io import SafetensorsCheckpoint, dequantize_fp8_blockwise
+from moe_jax.interop.safetensors_io import SafetensorsCheckpoint, dequantize_fp8_blockwise, write_file
 from moe_jax.model.params import param_shapes
 
 log = logging.getLogger(__name__)
@@ -113,3 +115,76 @@ def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> t
   for p in list(buffers):  # hand buffers to JAX one at a time, freeing each host copy
     params[p] = jax.device_put(buffers.pop(p))
   return cfg, unflatten_dict(params)
+
+
+def save(config: Any, params: Any, path: str, *, dtype: Any = None, max_shard_bytes: int = 4 << 30,
+         overwrite: bool = False) -> list[str]:
+  """Writes `params` of a model with `config` as a DeepseekV3/V2 checkpoint that transformers and `load` read.
+
+  params: the full parameter tree *with* the routing biases (a train state's
+  `moe_jax.training.balancing.merge_router_bias(state.params, state.router_bias)`), scanned or unrolled (as
+  `config.scan_layers` says), boxed or not, on any devices. Written: config.json, per-expert tensors, the MTP
+  modules as layers num_hidden_layers.. (with the copies of the embedding and head the format repeats), in
+  files of at most `max_shard_bytes` (model.safetensors, or model-0000k-of-0000n.safetensors plus
+  model.safetensors.index.json). dtype: storage dtype (default: each parameter's own); the routing biases stay
+  float32, as in the V3 release. Returns the files written. Raises before writing anything when the parameter
+  tree does not match the config.
+  """
+  config_path = os.path.join(path, "config.json")
+  if os.path.exists(config_path) and not overwrite:
+    raise FileExistsError(f"{path} already holds a checkpoint (config.json); pass overwrite=True to replace it")
+  hf = hf_config_from_model(config)  # raises for configs with no published format
+  flat = flatten_dict(meta.unbox(params))
+  expect = flatten_dict(param_shapes(config))
+  missing, unexpected = expect.keys() - flat.keys(), flat.keys() - expect.keys()
+  if missing or unexpected:
+    raise ValueError(f"params do not match the config.\n  missing ({len(missing)}): "
+                     f"{_name_list('/'.join(p) for p in missing)}\n  unexpected ({len(unexpected)}): "
+                     f"{_name_list('/'.join(p) for p in unexpected)}")
+  for p, spec in expect.items():
+    if tuple(flat[p].shape) != tuple(spec.shape):
+      raise ValueError(f"parameter {'/'.join(p)} has shape {tuple(flat[p].shape)}; the config gives {spec.shape}")
+  host: dict = {}
+
+  def get(ppath, index):
+    if ppath not in host:  # one device -> host copy per parameter (stacked layers are sliced from it)
+      host[ppath] = np.asarray(jax.device_get(flat[ppath]))
+    return host[ppath][index]
+
+  def storage_dtype(key, arr):
+    if key.endswith("e_score_correction_bias"):
+      return np.dtype(np.float32)
+    return arr.dtype if dtype is None else np.dtype(jnp.dtype(dtype))
+
+  layout = checkpoint_layout(config)
+  nominal = np.dtype(jnp.dtype(dtype or next(iter(flat.values())).dtype))
+  hf |= {"torch_dtype": nominal.name, "dtype": nominal.name}
+  # Plan the shards from shapes alone, then write them one at a time (only one shard is ever held in memory).
+  plan, size = [[]], 0
+  for key, spec in layout.items():
+    nbytes = int(np.prod(spec.shape)) * nominal.itemsize
+    if plan[-1] and size + nbytes > max_shard_bytes:
+      plan.append([])
+      size = 0
+    plan[-1].append(key)
+    size += nbytes
+  os.makedirs(path, exist_ok=True)
+  n = len(plan)
+  names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+  weight_map, total, t0 = {}, 0, time.time()
+  for i, (keys, name) in enumerate(zip(plan, names)):
+    tensors = {}
+    for key in keys:
+      arr = np.asarray(layout[key].export(get))
+      if arr.shape != layout[key].shape:
+        raise AssertionError(f"{key}: exported shape {arr.shape} != {layout[key].shape}")
+      tensors[key] = np.ascontiguousarray(arr.astype(storage_dtype(key, arr)))
+    total += write_file(os.path.join(path, name), tensors, {"format": "pt"})
+    weight_map.update(dict.fromkeys(keys, name))
+    log.info("wrote %s (%d/%d, %.0f s)", name, i + 1, n, time.time() - t0)
+  if n > 1:
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  with open(config_path, "w") as f:
+    json.dump(hf, f, indent=2)
+  return names

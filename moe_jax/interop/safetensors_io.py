@@ -1,4 +1,4 @@
-"""Reading safetensors checkpoints tensor by tensor, FP8 and bfloat16 included.
+"""Reading and writing safetensors checkpoints tensor by tensor, FP8 and bfloat16 included.
 
 safetensors' own numpy backend cannot decode BF16 or F8_E4M3 (numpy has neither dtype), and the torch backend
 would make torch a runtime dependency, so the (simple, documented) format is read here: an 8-byte
@@ -21,6 +21,35 @@ _DTYPES = {
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+
+
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> int:
+  """Writes one .safetensors file (tensors in the given order, C-contiguous); returns the bytes written.
+
+  The header is padded with spaces to a multiple of 8 bytes, as the reference writer does, so every tensor
+  starts aligned. Written to a temporary name and renamed: a crash never leaves a truncated file.
+  """
+  header, offset = {}, 0
+  if metadata:
+    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+  for name, arr in tensors.items():
+    if arr.dtype not in _NAMES:
+      raise ValueError(f"{name}: dtype {arr.dtype} cannot be written to safetensors ({sorted(_DTYPES)})")
+    header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+    offset += arr.nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for arr in tensors.values():
+      f.write(np.ascontiguousarray(arr).tobytes())
+  os.replace(tmp, path)
+  return 8 + len(blob) + offset
 
 
 def read_header(path: str) -> tuple[dict, int]:

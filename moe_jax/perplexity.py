@@ -1,0 +1,70 @@
+"""Perplexity and bits per byte of a trained model on a text or jsonl file.
+
+    python -m moe_jax.perplexity --checkpoint=/tmp/moe_jax_default --data=notes.txt [--json]
+    python -m moe_jax.perplexity --checkpoint=/tmp/run --data=docs.jsonl --text_field=text --seq_len=128
+
+A .jsonl file is one document per line (its `--text_field`); any other file is one document. Each document is
+scored after <bos> in windows of --seq_len tokens (default: the model's max_position_embeddings), every token
+a target once (moe_jax.inference.perplexity).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+
+from moe_jax.inference.perplexity import evaluate_perplexity
+from moe_jax.restore import load_model
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (hf:DIR checkpoints carry no tokenizer).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_DATA = flags.DEFINE_string("data", None, "A text file (one document) or .jsonl file (one document per line).")
+_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "The jsonl field holding the text.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens per window (default: max_position_embeddings).")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+
+
+def read_documents(path: str, text_field: str) -> list[bytes]:
+  if not path.endswith(".jsonl"):
+    with open(path, "rb") as f:
+      return [f.read()]
+  docs = []
+  with open(path, "rb") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      obj = json.loads(line)
+      if not isinstance(obj.get(text_field), str):
+        raise ValueError(f"{path}:{n}: no string field {text_field!r} (fields: {sorted(obj)})")
+      docs.append(obj[text_field].encode())
+  return docs
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  model = load_model(_CHECKPOINT.value, step=_STEP.value)
+  if model.tokenizer is None:
+    raise app.UsageError(f"{_CHECKPOINT.value} carries no tokenizer moe_jax can read; use a training workdir")
+  texts = read_documents(_DATA.value, _TEXT_FIELD.value)
+  tok = model.tokenizer
+  docs = [[tok.bos_id] + tok.encode(t).tolist() for t in texts]
+  log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+  result = evaluate_perplexity(model.params, model.config, docs, sum(map(len, texts)),
+                               seq_len=_SEQ_LEN.value or model.config.max_position_embeddings,
+                               batch_size=_BATCH.value, log=None if _JSON.value else log)
+  result = {"checkpoint": model.description, "data": _DATA.value, **result}
+  if _JSON.value:
+    print(json.dumps(result))
+  else:
+    print(f"{result['documents']} documents, {result['tokens']:,} tokens, {result['bytes']:,} bytes: "
+          f"perplexity {result['perplexity']:.3f}, {result['bits_per_byte']:.4f} bits/byte")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["checkpoint", "data"])
+  app.run(main)

@@ -1,0 +1,89 @@
+"""A model for inference from a training workdir or a published-format (HF) checkpoint directory.
+
+    model = restore.load_model("/tmp/moe_jax_default")        # WORKDIR of `moe_jax.train`: newest checkpoint
+    model = restore.load_model("hf:/path/to/DeepSeek-V3")      # config.json + safetensors
+    model.config, model.params (routing biases merged in), model.tokenizer (None for hf:), model.description
+
+From a workdir only the parameters and routing biases are read (an Orbax partial restore: no optimiser state,
+no data iterator), onto this process's first device. The tokenizer is the one the run trained with
+(WORKDIR/tokenizer.json, config.data.tokenizer_path, or bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from flax.core import meta
+
+from moe_jax.data.tokenizer import BPETokenizer, ByteTokenizer
+from moe_jax.interop import huggingface
+from moe_jax.model import Transformer
+from moe_jax.training.balancing import merge_router_bias, split_router_bias
+
+HF_PREFIX = "hf:"
+
+
+class LoadedModel(NamedTuple):
+  config: Any  # model config
+  params: dict  # with routing biases
+  tokenizer: Any  # moe_jax.data tokenizer, or None when the checkpoint carries none we can read
+  description: str  # where it came from (path, step)
+
+
+def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
+  data = config.data
+  if data.tokenizer == "byte":
+    return ByteTokenizer()
+  path = data.tokenizer_path or os.path.join(workdir, "tokenizer.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"the run used a BPE tokenizer but {path} does not exist")
+  return BPETokenizer.load(path)
+
+
+def _checkpoint_steps(ckpt_dir: str) -> list[int]:
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(ckpt_dir)
+                if n.isdigit() and os.path.exists(os.path.join(ckpt_dir, n, "state", "commit_success.txt")))
+
+
+def load_workdir(workdir: str, step: int | None = None) -> LoadedModel:
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json); for a published-format "
+                            f"checkpoint write --checkpoint={HF_PREFIX}{workdir}")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = _checkpoint_steps(ckpt_dir)
+  if not steps:
+    raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ValueError(f"no checkpoint for step {step} under {ckpt_dir}; available: {steps}")
+  boxed = jax.eval_shape(Transformer(config.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  params, bias = split_router_bias(meta.unbox(boxed))
+  item = {"params": params, "router_bias": bias}
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=device), item)
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.join(ckpt_dir, str(step), "state"),
+      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  return LoadedModel(config.model, merge_router_bias(restored["params"], restored["router_bias"]),
+                     _tokenizer(config, workdir), f"{workdir} @ step {step}")
+
+
+def load_model(spec: str, *, step: int | None = None, dtype: Any = jnp.float32) -> LoadedModel:
+  """`spec`: a training workdir, or `hf:DIR` for a DeepseekV2/V3 checkpoint (loaded in `dtype`)."""
+  if spec.startswith(HF_PREFIX):
+    path = spec[len(HF_PREFIX):]
+    cfg, params = huggingface.load(path, dtype)
+    return LoadedModel(cfg, params, None, f"{path} (published format)")
+  return load_workdir(spec, step)
