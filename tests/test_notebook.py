@@ -16,3 +16,4 @@ def test_quickstart_notebook_executes(tmp_path):
   client.execute()
   outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
   assert "step 40:" in outputs
+  assert "tokens per main-model step" in outputs  # the speculative sampling cell ran

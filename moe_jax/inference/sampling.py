@@ -34,6 +34,15 @@ def token_probs(logits_BV, temperature, top_k, top_p):
   V = logits_BV.shape[-1]
   greedy = temperature <= 0
   scaled_BV = logits_BV / jnp.where(greedy, 1.0, temperature)
+  onehot_BV = jax.nn.one_hot(jnp.argmax(logits_BV, axis=-1), V, dtype=jnp.float32)
+  # Only a truncated distribution needs the sort over the vocabulary; the branch is picked at run time.
+  truncated = ~greedy & ((top_k > 0) & (top_k < V) | (top_p < 1.0))
+  plain_BV = jnp.where(greedy, onehot_BV, jax.nn.softmax(scaled_BV, axis=-1))
+  return jax.lax.cond(truncated, lambda: _truncated_probs(scaled_BV, top_k, top_p), lambda: plain_BV)
+
+
+def _truncated_probs(scaled_BV, top_k, top_p):
+  V = scaled_BV.shape[-1]
   sorted_BV = -jnp.sort(-scaled_BV, axis=-1)  # descending
   # top-k: drop everything below the k-th largest value (ties at the boundary are kept).
   k = jnp.clip(jnp.where(top_k > 0, top_k, V), 1, V)
@@ -43,9 +52,7 @@ def token_probs(logits_BV, temperature, top_k, top_p):
   mass_before_BV = jnp.cumsum(sorted_probs_BV, axis=-1) - sorted_probs_BV
   kept_BV = (mass_before_BV < top_p) & (sorted_BV >= kth_B1)
   cutoff_B1 = jnp.min(jnp.where(kept_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-  probs_BV = jax.nn.softmax(jnp.where(scaled_BV >= cutoff_B1, scaled_BV, -jnp.inf), axis=-1)
-  onehot_BV = jax.nn.one_hot(jnp.argmax(logits_BV, axis=-1), V, dtype=jnp.float32)
-  return jnp.where(greedy, onehot_BV, probs_BV)
+  return jax.nn.softmax(jnp.where(scaled_BV >= cutoff_B1, scaled_BV, -jnp.inf), axis=-1)
 
 
 def sample(rng, probs_BV):
