@@ -140,6 +140,14 @@ def test_train_and_evaluate_end_to_end_then_resume_is_a_no_op(tmp_path):
   gen = json.loads(out.stdout.strip().splitlines()[-1])
   assert len(gen["tokens"]) == 6 and 0 <= gen["acceptance_rate"] <= 1 and gen["checkpoint"].endswith("step 12")
   assert isinstance(gen["text"], str) and gen["prompt_ids"][0] == 256  # <bos> of the byte tokenizer
+  docs = tmp_path / "docs.jsonl"
+  docs.write_text(json.dumps({"text": "def f(x):\n    return x + 1\n"}) + "\n" + json.dumps({"text": "import os"}) + "\n")
+  out = subprocess.run([sys.executable, "-m", "moe_jax.perplexity", f"--checkpoint={work}", f"--data={docs}", "--json"],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  ppl = json.loads(out.stdout.strip().splitlines()[-1])
+  assert ppl["documents"] == 2 and ppl["tokens"] == ppl["bytes"] == 36  # byte tokenizer: one target per byte
+  assert 0 < ppl["bits_per_byte"] < 12 and ppl["perplexity"] > 1
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path):

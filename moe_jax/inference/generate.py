@@ -103,11 +103,24 @@ def _generate(cfg, absorb: bool, speculative: bool, n_bucket: int, params, promp
                      ~live_B | stopped_B | (n_out_B >= max_new), stopped_B, first_B, draft_B, q_BV, rng, zeros, zeros,
                      zeros)
 
+  def emit(s: _LoopState, caches, rng, new_BK, n_new_B, new_length_B) -> _LoopState:
+    """Appends the first n_new tokens of new_BK to live sequences, stopping at a stop token or max_new."""
+    live_B = ~s.done_B
+    n_new_B = jnp.minimum(n_new_B, max_new - s.n_out_B)
+    out_BN = jnp.where(live_B[:, None], _write_at(s.out_BN, new_BK, s.n_out_B), s.out_BN)
+    last_B = jnp.take_along_axis(new_BK, (n_new_B - 1)[:, None], -1)[:, 0]
+    n_out_B = jnp.where(live_B, s.n_out_B + n_new_B, s.n_out_B)
+    stopped_B = s.stopped_B | (live_B & is_stop(last_B))  # a stop token can only be last
+    caches = with_length(caches, jnp.where(live_B, new_length_B, s.caches.length_B))
+    return s._replace(caches=caches, out_BN=out_BN, n_out_B=n_out_B, stopped_B=stopped_B,
+                      done_B=s.done_B | stopped_B | (n_out_B >= max_new), last_B=jnp.where(live_B, last_B, s.last_B),
+                      rng=rng, steps_B=s.steps_B + live_B)
+
   def plain_step(s: _LoopState) -> _LoopState:
     rng, key = jax.random.split(s.rng)
     out, caches = forward_cached(params, cfg, s.last_B[:, None], s.caches, absorb=absorb)
     tok_B = sample(key, probs(out.logits_BTV[:, 0]))
-    return _emit(s, caches, rng, tok_B[:, None], jnp.ones_like(tok_B), s.caches.length_B + 1)
+    return emit(s, caches, rng, tok_B[:, None], jnp.ones_like(tok_B), s.caches.length_B + 1)
 
   def speculative_step(s: _LoopState) -> _LoopState:
     rng, k_accept, k_resid, k_bonus, k_draft = jax.random.split(s.rng, 5)
@@ -124,7 +137,7 @@ def _generate(cfg, absorb: bool, speculative: bool, n_bucket: int, params, promp
     tok2_B = sample(k_bonus, p1_BV)
     n_new_B = jnp.where(accept_B & ~is_stop(tok1_B), 2, 1)
     # MTP at positions L (h_L, tok1) and L+1 (h_{L+1}, tok2); the latter is rolled back with the main cache on
-    # rejection. The next draft comes from the position of the last emitted token's predecessor.
+    # rejection. MTP at position j predicts t_{j+2}, and the newest token sits at L+1+accept: draft from L+accept.
     mtp_out, caches = mtp_forward_cached(params, cfg, out.hidden_BTD, jnp.stack([tok1_B, tok2_B], 1), caches,
                                          absorb=absorb)
     acc_i = accept_B.astype(jnp.int32)
@@ -132,20 +145,7 @@ def _generate(cfg, absorb: bool, speculative: bool, n_bucket: int, params, promp
     s = s._replace(draft_B=jnp.where(s.done_B, s.draft_B, sample(k_draft, q_BV)),
                    q_BV=jnp.where(s.done_B[:, None], s.q_BV, q_BV),
                    drafted_B=s.drafted_B + ~s.done_B, accepted_B=s.accepted_B + (accept_B & ~s.done_B))
-    return _emit(s, caches, rng, jnp.stack([tok1_B, tok2_B], 1), n_new_B, L_B + 1 + acc_i)
-
-  def _emit(s: _LoopState, caches, rng, new_BK, n_new_B, new_length_B) -> _LoopState:
-    """Appends the first n_new tokens of new_BK to live sequences, stopping at a stop token or max_new."""
-    live_B = ~s.done_B
-    n_new_B = jnp.minimum(n_new_B, max_new - s.n_out_B)
-    out_BN = jnp.where(live_B[:, None], _write_at(s.out_BN, new_BK, s.n_out_B), s.out_BN)
-    last_B = jnp.take_along_axis(new_BK, (n_new_B - 1)[:, None], -1)[:, 0]
-    n_out_B = jnp.where(live_B, s.n_out_B + n_new_B, s.n_out_B)
-    stopped_B = s.stopped_B | (live_B & is_stop(last_B))  # a stop token can only be last
-    caches = with_length(caches, jnp.where(live_B, new_length_B, s.caches.length_B))
-    return s._replace(caches=caches, out_BN=out_BN, n_out_B=n_out_B, stopped_B=stopped_B,
-                      done_B=s.done_B | stopped_B | (n_out_B >= max_new), last_B=jnp.where(live_B, last_B, s.last_B),
-                      rng=rng, steps_B=s.steps_B + live_B)
+    return emit(s, caches, rng, jnp.stack([tok1_B, tok2_B], 1), n_new_B, L_B + 1 + acc_i)
 
   step = speculative_step if speculative else plain_step
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done_B), step, state)
