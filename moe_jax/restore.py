@@ -21,7 +21,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax.core import meta
 
-from moe_jax.data.tokenizer import BPETokenizer, ByteTokenizer
+from moe_jax.data import load_tokenizer
 from moe_jax.interop import huggingface
 from moe_jax.model import Transformer
 from moe_jax.training.balancing import merge_router_bias, split_router_bias
@@ -37,13 +37,10 @@ class LoadedModel(NamedTuple):
 
 
 def _tokenizer(config: ml_collections.ConfigDict, workdir: str):
-  data = config.data
-  if data.tokenizer == "byte":
-    return ByteTokenizer()
-  path = data.tokenizer_path or os.path.join(workdir, "tokenizer.json")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"the run used a BPE tokenizer but {path} does not exist")
-  return BPETokenizer.load(path)
+  tok = load_tokenizer(config.data, workdir)
+  if tok is None:  # never train one here: it would not be the tokenizer the model learned
+    raise FileNotFoundError(f"the run used a BPE tokenizer but {workdir}/tokenizer.json does not exist")
+  return tok
 
 
 def _checkpoint_steps(ckpt_dir: str) -> list[int]:

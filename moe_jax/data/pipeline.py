@@ -26,17 +26,30 @@ from moe_jax.data.sources import build_source
 from moe_jax.data.tokenizer import TOKENIZERS, BPETokenizer, ByteTokenizer, train_bpe
 
 
-def load_or_train_tokenizer(data_cfg: Any, workdir: str | None, log=print):
-  """byte, a BPE from config.data.tokenizer_path, WORKDIR/tokenizer.json (resume), or a new BPE trained here."""
+def saved_tokenizer_path(workdir: str | None) -> str | None:
+  return os.path.join(workdir, "tokenizer.json") if workdir else None
+
+
+def load_tokenizer(data_cfg: Any, workdir: str | None):
+  """byte, a BPE from config.data.tokenizer_path or WORKDIR/tokenizer.json; None when a BPE is yet to be trained."""
   if data_cfg.tokenizer not in TOKENIZERS:
     raise ValueError(f"config.data.tokenizer={data_cfg.tokenizer!r} is not one of {TOKENIZERS}")
   if data_cfg.tokenizer == "byte":
     return ByteTokenizer()
   if data_cfg.tokenizer_path:
     return BPETokenizer.load(data_cfg.tokenizer_path)
-  saved = os.path.join(workdir, "tokenizer.json") if workdir else None
+  saved = saved_tokenizer_path(workdir)
   if saved and os.path.isfile(saved):
     return BPETokenizer.load(saved)
+  return None
+
+
+def load_or_train_tokenizer(data_cfg: Any, workdir: str | None, log=print):
+  """`load_tokenizer`, or a new BPE trained here on the training split (and saved as WORKDIR/tokenizer.json)."""
+  tok = load_tokenizer(data_cfg, workdir)
+  if tok is not None:
+    return tok
+  saved = saved_tokenizer_path(workdir)
   docs = build_source(data_cfg, "train")
   texts = []
   for i in range(len(docs)):

@@ -38,10 +38,6 @@ class ModelCache(NamedTuple):
   def length_B(self) -> jax.Array:
     return self.layers[0].length_B
 
-  @property
-  def max_len(self) -> int:
-    return self.layers[0].ckv_BSC.shape[1]
-
 
 class CachedOutput(NamedTuple):
   logits_BTV: jax.Array  # float32 next-token logits

@@ -25,6 +25,7 @@ from flax.core import meta
 
 from moe_jax.config import softmax_scale
 from moe_jax.layers.attention import LATENT_NORM_EPS
+from moe_jax.layers.norm import RMSNorm
 from moe_jax.layers.rope import apply_rope
 
 
@@ -45,16 +46,15 @@ def cache_bytes_per_token(cfg: Any, dtype=jnp.bfloat16) -> int:
   return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
 
 
-def _rms(x, scale):
-  x32 = x.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + LATENT_NORM_EPS)
-  return normed.astype(x.dtype) * scale.astype(x.dtype)
+def _latent_norm(p, x):
+  """The q / kv latent RMSNorm (the MLA layer's `q_norm` / `kv_norm`), in x's dtype."""
+  return RMSNorm(LATENT_NORM_EPS, x.dtype).apply({"params": p}, x)
 
 
 def _queries(p, cfg, x_BTD, cos_BTR, sin_BTR):
   dt = x_BTD.dtype
   if "wq_a" in p:
-    cq_BTQ = _rms(jnp.einsum("btd,dq->btq", x_BTD, p["wq_a"].astype(dt)), p["q_norm"]["scale"])
+    cq_BTQ = _latent_norm(p["q_norm"], jnp.einsum("btd,dq->btq", x_BTD, p["wq_a"].astype(dt)))
     q_nope = jnp.einsum("btq,qhn->bthn", cq_BTQ, p["wq_b_nope"].astype(dt))
     q_rope = jnp.einsum("btq,qhr->bthr", cq_BTQ, p["wq_b_rope"].astype(dt))
   else:
@@ -80,7 +80,7 @@ def mla_attend(p, cfg: Any, x_BTD, cos_BTR, sin_BTR, cache: LatentCache, *, abso
   p = meta.unbox(p)  # plain arrays whether or not the params carry logical-axis boxes
   dt = x_BTD.dtype
   q_nope_BTHN, q_rope_BTHR = _queries(p, cfg, x_BTD, cos_BTR, sin_BTR)
-  ckv_BTC = _rms(jnp.einsum("btd,dc->btc", x_BTD, p["w_dkv"].astype(dt)), p["kv_norm"]["scale"])
+  ckv_BTC = _latent_norm(p["kv_norm"], jnp.einsum("btd,dc->btc", x_BTD, p["w_dkv"].astype(dt)))
   kpe_BTR = apply_rope(jnp.einsum("btd,dr->btr", x_BTD, p["w_kr"].astype(dt)), cos_BTR, sin_BTR, cfg.rope_interleave)
   start_B = cache.length_B
   cache = _append(cache, ckv_BTC, kpe_BTR)

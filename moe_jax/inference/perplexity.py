@@ -19,6 +19,7 @@ import numpy as np
 
 from moe_jax.inference.decode import inference_config
 from moe_jax.model import Transformer
+from moe_jax.training.loss import token_nll
 
 
 def windows(docs: Sequence[Sequence[int]], seq_len: int):
@@ -41,9 +42,7 @@ def evaluate_perplexity(params: Any, model_config: Any, docs: Sequence[Sequence[
   @jax.jit
   def nll_sum(tokens_BS, targets_BS, mask_BS):
     logits_BSV, _ = model.apply({"params": params}, tokens_BS, mask_BS.astype(jnp.int32), mtp=False)
-    logp_BSV = jax.nn.log_softmax(logits_BSV.astype(jnp.float32), axis=-1)
-    picked_BS = jnp.take_along_axis(logp_BSV, targets_BS[..., None], axis=-1)[..., 0]
-    return -jnp.sum(jnp.where(mask_BS, picked_BS, 0.0))
+    return jnp.sum(jnp.where(mask_BS, token_nll(logits_BSV, targets_BS), 0.0))
 
   rows = list(windows(docs, seq_len))
   total_nll, total_targets, t0 = 0.0, 0, time.time()

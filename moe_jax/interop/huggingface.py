@@ -144,12 +144,10 @@ def save(config: Any, params: Any, path: str, *, dtype: Any = None, max_shard_by
   for p, spec in expect.items():
     if tuple(flat[p].shape) != tuple(spec.shape):
       raise ValueError(f"parameter {'/'.join(p)} has shape {tuple(flat[p].shape)}; the config gives {spec.shape}")
-  host: dict = {}
-
   def get(ppath, index):
-    if ppath not in host:  # one device -> host copy per parameter (stacked layers are sliced from it)
-      host[ppath] = np.asarray(jax.device_get(flat[ppath]))
-    return host[ppath][index]
+    # Slice on the device and copy only that piece: a host cache of whole parameters would end up holding the
+    # model (every stacked layer and expert array) instead of one shard.
+    return np.asarray(jax.device_get(flat[ppath][index] if index else flat[ppath]))
 
   def storage_dtype(key, arr):
     if key.endswith("e_score_correction_bias"):
