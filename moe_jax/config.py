@@ -19,6 +19,7 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCHES = ("dropless", "capacity")
+DECODE_ATTENTIONS = ("absorbed", "naive")
 GMM_BACKENDS = ("auto", "tiled", "ragged_dot", "pallas_tpu", "pallas_mosaic_gpu", "reference")  # kernels.BACKENDS
 HIDDEN_ACTS = ("silu",)
 ROPE_SCALING_TYPES = ("yarn",)
@@ -95,7 +96,29 @@ def base_model_config() -> ml_collections.ConfigDict:
   #                        pallas_tpu | pallas_mosaic_gpu (experimental, opt-in) | reference; see moe_jax.kernels
   c.ep_capacity_factor = 0.0  # expert parallelism: all-to-all rows per destination = factor * copies / ways;
   #                             <= 0 = all copies (never overflows); overflow is counted in dropped_fraction
+  c.pad_vocab_to_multiple_of = 128  # embedding/head rows padded to a multiple of this, so `tensor` can split them
+  #                                   (Megatron's make-vocab-size-divisible-by); padding ids never get a logit
+  c.decode_attention = "absorbed"  # MLA over the latent cache: absorbed (W_UK/W_UV folded in) | naive (checking)
   return c
+
+
+# Fields added after workdirs were first written, with the value that reproduces how those runs were built.
+_LEGACY_DEFAULTS = {"pad_vocab_to_multiple_of": 1, "decode_attention": "absorbed"}
+
+
+def complete_model_config(c: Any) -> ml_collections.ConfigDict:
+  """A saved model config (e.g. a workdir's config.json) with fields it predates filled in as they behaved then."""
+  c = ml_collections.ConfigDict(c.to_dict() if hasattr(c, "to_dict") else c)
+  for name, value in _LEGACY_DEFAULTS.items():
+    if name not in c:
+      c[name] = value
+  return c
+
+
+def padded_vocab_size(c: Any) -> int:
+  """Rows of the embedding and head: vocab_size rounded up to a multiple of pad_vocab_to_multiple_of."""
+  m = c.pad_vocab_to_multiple_of
+  return -(-c.vocab_size // m) * m
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -119,6 +142,9 @@ def validate_model_config(c: Any) -> None:
   """
   unknown = set(c.keys()) - set(base_model_config().keys())
   _require(not unknown, f"unknown fields {sorted(unknown)}; the schema is moe_jax.config.base_model_config()")
+  missing = set(base_model_config().keys()) - set(c.keys())
+  _require(not missing, f"missing fields {sorted(missing)} (a config saved before they existed: fill them with "
+           "moe_jax.config.complete_model_config)")
   for name in (
       "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
       "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
@@ -143,6 +169,8 @@ def validate_model_config(c: Any) -> None:
   _one_of(c, "remat_policy", REMAT_POLICIES)
   _one_of(c, "moe_dispatch", MOE_DISPATCHES)
   _one_of(c, "gmm_backend", GMM_BACKENDS)
+  _one_of(c, "decode_attention", DECODE_ATTENTIONS)
+  _positive_int(c, "pad_vocab_to_multiple_of")
   _require(not c.attention_bias, "attention_bias=True is not supported (no DeepSeek release uses it)")
   _require(c.num_experts_per_tok <= c.n_routed_experts,
            f"num_experts_per_tok={c.num_experts_per_tok} > n_routed_experts={c.n_routed_experts}")

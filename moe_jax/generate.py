@@ -55,7 +55,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs its restore at INFO
   model = load_model(_CHECKPOINT.value, step=_STEP.value)
   prompt = _prompt_ids(model.tokenizer)
-  gen = Generator(model.params, model.config, max_len=_MAX_LEN.value, absorb=not _NAIVE.value)
+  gen = Generator(model.variables, model.config, max_len=_MAX_LEN.value, absorb=not _NAIVE.value)
   result = gen.generate([prompt], max_new_tokens=_MAX_NEW.value,
                         sampling=Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
                         stop_tokens=[int(t) for t in _STOP.value], speculative=_SPECULATIVE.value, seed=_SEED.value)

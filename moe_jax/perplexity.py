@@ -5,7 +5,7 @@
 
 A .jsonl file is one document per line (its `--text_field`); any other file is one document. Each document is
 scored after <bos> in windows of --seq_len tokens (default: the model's max_position_embeddings), every token
-a target once (moe_jax.inference.perplexity).
+a target once (moe_jax.inference.scoring).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags, logging
 
-from moe_jax.inference.perplexity import evaluate_perplexity
+from moe_jax.inference.scoring import evaluate_perplexity
 from moe_jax.restore import load_model
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (hf:DIR checkpoints carry no tokenizer).")
@@ -54,7 +54,7 @@ def main(argv):
   tok = model.tokenizer
   docs = [[tok.bos_id] + tok.encode(t).tolist() for t in texts]
   log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-  result = evaluate_perplexity(model.params, model.config, docs, sum(map(len, texts)),
+  result = evaluate_perplexity(model.variables, model.config, docs, sum(map(len, texts)),
                                seq_len=_SEQ_LEN.value or model.config.max_position_embeddings,
                                batch_size=_BATCH.value, log=None if _JSON.value else log)
   result = {"checkpoint": model.description, "data": _DATA.value, **result}

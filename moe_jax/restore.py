@@ -2,7 +2,7 @@
 
     model = restore.load_model("/tmp/moe_jax_default")        # WORKDIR of `moe_jax.train`: newest checkpoint
     model = restore.load_model("hf:/path/to/DeepSeek-V3")      # config.json + safetensors
-    model.config, model.params (routing biases merged in), model.tokenizer (None for hf:), model.description
+    model.config, model.variables ({"params", "router"}), model.tokenizer (None for hf:), model.description
 
 From a workdir only the parameters and routing biases are read (an Orbax partial restore: no optimiser state,
 no data iterator), onto this process's first device. The tokenizer is the one the run trained with
@@ -21,17 +21,18 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax.core import meta
 
+from moe_jax.config import complete_model_config
 from moe_jax.data import load_tokenizer
 from moe_jax.interop import huggingface
 from moe_jax.model import Transformer
-from moe_jax.training.balancing import merge_router_bias, split_router_bias
+from moe_jax.training.checkpoint import from_legacy_router_layout, has_legacy_router_layout, legacy_router_layout
 
 HF_PREFIX = "hf:"
 
 
 class LoadedModel(NamedTuple):
   config: Any  # model config
-  params: dict  # with routing biases
+  variables: dict  # {"params": ..., "router": ...} (no "router" for models without a selection bias)
   tokenizer: Any  # moe_jax.data tokenizer, or None when the checkpoint carries none we can read
   description: str  # where it came from (path, step)
 
@@ -65,22 +66,27 @@ def load_workdir(workdir: str, step: int | None = None) -> LoadedModel:
     step = steps[-1]
   elif step not in steps:
     raise ValueError(f"no checkpoint for step {step} under {ckpt_dir}; available: {steps}")
-  boxed = jax.eval_shape(Transformer(config.model).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  params, bias = split_router_bias(meta.unbox(boxed))
-  item = {"params": params, "router_bias": bias}
+  model_config = complete_model_config(config.model)  # a config.json older than some fields
+  abstract = meta.unbox(jax.eval_shape(Transformer(model_config).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  router = abstract.get("router", {})
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  state_dir = os.path.join(ckpt_dir, str(step), "state")
+  legacy = bool(router) and has_legacy_router_layout(state_dir)  # a run from before the "router" collection
+  item = {"params": abstract["params"], "router_bias": legacy_router_layout(router) if legacy else router}
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=device), item)
   restored = ocp.PyTreeCheckpointer().restore(
-      os.path.join(ckpt_dir, str(step), "state"),
-      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-  return LoadedModel(config.model, merge_router_bias(restored["params"], restored["router_bias"]),
-                     _tokenizer(config, workdir), f"{workdir} @ step {step}")
+      state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  if legacy:
+    restored["router_bias"] = from_legacy_router_layout(restored["router_bias"])
+  variables = {"params": restored["params"]} | ({"router": restored["router_bias"]} if router else {})
+  return LoadedModel(model_config, variables, _tokenizer(config, workdir), f"{workdir} @ step {step}")
 
 
 def load_model(spec: str, *, step: int | None = None, dtype: Any = jnp.float32) -> LoadedModel:
   """`spec`: a training workdir, or `hf:DIR` for a DeepseekV2/V3 checkpoint (loaded in `dtype`)."""
   if spec.startswith(HF_PREFIX):
     path = spec[len(HF_PREFIX):]
-    cfg, params = huggingface.load(path, dtype)
-    return LoadedModel(cfg, params, None, f"{path} (published format)")
+    cfg, variables = huggingface.load(path, dtype)
+    return LoadedModel(cfg, variables, None, f"{path} (published format)")
   return load_workdir(spec, step)

@@ -1,6 +1,8 @@
-"""Decoding benchmarks: MLA's latent-cache size, absorbed vs naive decode attention, MTP speculative decoding.
+"""Decoding benchmarks: MLA's latent-cache size, absorbed vs naive decode attention, MTP speculative decoding,
+and how generation's compile time grows with depth.
 
     python scripts/bench_decode.py [--contexts=1024,4096,16384,32768] [--workdir=/tmp/moe_jax_default] [--json]
+    python scripts/bench_decode.py --benches=compile [--depths=4,16,61]
 
 1. Cache bytes per token and layer for the published shapes: (kv_lora_rank + qk_rope_head_dim) x dtype bytes,
    beside what MHA (2 x heads x 128) and GQA with 8 KV heads (2 x 8 x 128) would cache at the same head dim.
@@ -10,6 +12,8 @@
 3. On the model trained by the main command (--workdir; skipped when it has no checkpoint): greedy and sampled
    generation from held-out prompts, plain vs MTP speculative: acceptance rate, tokens per main-model step, and
    wall-clock speed-up (compiled, warm).
+4. Compile + first call of `Generator.generate` (one prompt, 8 new tokens, greedy) for a scanned debug-width
+   model at each of --depths layers, the warm call's time, and each depth's first call over the shallowest's.
 """
 
 from __future__ import annotations
@@ -22,14 +26,18 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # configs/
 
 from configs import deepseek_v2_lite, deepseek_v3  # noqa: E402
-from moe_jax.inference import Generator, Sampling, cache_bytes_per_token, init_cache, mla_attend  # noqa: E402
-from moe_jax.layers import MLA, attention_mask, rope_cos_sin  # noqa: E402
+from configs import debug  # noqa: E402
+from moe_jax.inference import Generator, Sampling, cache_bytes_per_token  # noqa: E402
+from moe_jax.layers import MLA  # noqa: E402
+from moe_jax.layers.attention import LatentCache, attention_inputs  # noqa: E402
+from moe_jax.model import Transformer  # noqa: E402
 
 _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "4096", "16384", "32768"], "Cached tokens per decode step.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Sequences decoded together in the attention benchmark.")
@@ -39,7 +47,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/moe_jax_default", "Training work
 _PROMPTS = flags.DEFINE_integer("prompts", 8, "Held-out prompts for the speculative benchmark.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens (after <bos>).")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "Generated tokens per prompt.")
-_BENCHES = flags.DEFINE_list("benches", ["cache", "attention", "speculative"], "Which parts to run.")
+_BENCHES = flags.DEFINE_list("benches", ["cache", "attention", "speculative", "compile"], "Which parts to run.")
+_DEPTHS = flags.DEFINE_list("depths", ["4", "16", "61"], "Main-model layers of the compile-time benchmark.")
 _JSON = flags.DEFINE_bool("json", False, "One JSON row per measurement.")
 
 
@@ -73,20 +82,19 @@ def attention_rows(dtype) -> list[dict]:
   cfg.dtype = cfg.param_dtype = jnp.dtype(dtype).name
   B = _BATCH.value
   x = jax.random.normal(jax.random.key(0), (B, 1, cfg.hidden_size), dtype)
-  params = jax.jit(MLA(cfg).init)(jax.random.key(1), x, *rope_cos_sin(cfg, jnp.zeros((B, 1), jnp.int32)),
-                                  attention_mask(jnp.ones((B, 1), jnp.int32)))["params"]
+  one = jnp.ones((B, 1), jnp.int32)
+  params = jax.jit(MLA(cfg).init)(jax.random.key(1), x, attention_inputs(cfg, 0 * one, one))["params"]
   rows = []
   for n in map(int, _CONTEXTS.value):
-    cache = init_cache(B, n, cfg, dtype)
     k1, k2 = jax.random.split(jax.random.key(n))
-    cache = cache._replace(ckv_BSC=jax.random.normal(k1, cache.ckv_BSC.shape, dtype),
-                           kpe_BSR=jax.random.normal(k2, cache.kpe_BSR.shape, dtype),
-                           length_B=jnp.full((B,), n - 1, jnp.int32))
-    cos, sin = rope_cos_sin(cfg, jnp.full((B, 1), n - 1, jnp.int32))
+    cache = LatentCache(jax.random.normal(k1, (B, n, cfg.kv_lora_rank), dtype),
+                        jax.random.normal(k2, (B, n, cfg.qk_rope_head_dim), dtype))
+    inputs = attention_inputs(cfg, (n - 1) * one, one, jnp.full((B,), n - 1, jnp.int32), n)
     row = {"bench": "decode_attention", "dims": "deepseek_v3", "context": n, "batch": B, "dtype": jnp.dtype(dtype).name}
-    for absorb in (True, False):  # everything is an argument: nothing may be constant-folded at compile time
-      step = jax.jit(lambda p, x_, c_, s_, cache_, a=absorb: mla_attend(p, cfg, x_, c_, s_, cache_, absorb=a)[0])
-      row["absorbed_ms" if absorb else "naive_ms"] = 1e3 * _time(step, params, x, cos, sin, cache)
+    for form in ("absorbed", "naive"):  # everything is an argument: nothing may be constant-folded at compile time
+      layer = MLA(ml_collections.ConfigDict(cfg.to_dict() | {"decode_attention": form}))
+      step = jax.jit(lambda p, x_, in_, cache_, m=layer: m.apply({"params": p}, x_, in_, cache_)[0])
+      row[f"{form}_ms"] = 1e3 * _time(step, params, x, inputs, cache)
     row["naive_over_absorbed"] = row["naive_ms"] / row["absorbed_ms"]
     rows.append(row)
     _emit([row])
@@ -113,7 +121,7 @@ def speculative_rows() -> list[dict]:
       prompts.append([tok.bos_id] + ids[:_PROMPT_LEN.value])
     if len(prompts) == _PROMPTS.value:
       break
-  gen = Generator(model.params, model.config)
+  gen = Generator(model.variables, model.config)
   rows = []
   for label, sampling in (("greedy", Sampling()), ("temperature_1", Sampling(temperature=1.0))):
     for batch in (1, len(prompts)):
@@ -146,6 +154,28 @@ def speculative_rows() -> list[dict]:
   return rows
 
 
+def compile_rows() -> list[dict]:
+  """Compile + first call of Generator.generate for a scanned debug-width model at several depths."""
+  rows, first = [], None
+  for depth in map(int, _DEPTHS.value):
+    cfg = debug.get_model_config()
+    cfg.num_hidden_layers, cfg.scan_layers = depth, True
+    variables = jax.jit(Transformer(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    gen = Generator(variables, cfg, max_len=64)
+    t0 = time.perf_counter()
+    gen.generate([[1, 2, 3]], max_new_tokens=8)
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gen.generate([[1, 2, 3]], max_new_tokens=8)
+    warm = time.perf_counter() - t0
+    first = first or cold
+    row = {"bench": "generate_compile", "layers": depth, "scan_layers": True, "first_call_s": cold,
+           "warm_call_s": warm, "first_call_over_shallowest": cold / first}
+    rows.append(row)
+    _emit([row])
+  return rows
+
+
 def _emit(rows):
   for r in rows:
     if _JSON.value:
@@ -166,6 +196,8 @@ def main(argv):
     attention_rows(dtype)
   if "speculative" in _BENCHES.value:
     speculative_rows()
+  if "compile" in _BENCHES.value:
+    compile_rows()
 
 
 if __name__ == "__main__":

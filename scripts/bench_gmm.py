@@ -59,14 +59,14 @@ def _tokamax_ragged_dot():
 
 
 def _op(variant: str):
-  """(lhs [M,K], rhs [E,K,N], group_sizes) -> [M, N] f32 for one variant, or None if unavailable."""
+  """(lhs [M,I], rhs [E,I,O], group_sizes) -> [M, O] f32 for one variant, or None if unavailable."""
   if variant == "ours":
     return lambda a, b, g: gmm(a, b, g, backend=_KERNEL.value, preferred_element_type=jnp.float32)
   if variant == "ragged_dot":
     return lambda a, b, g: jax.lax.ragged_dot(a, b, g, preferred_element_type=jnp.float32)
   if variant == "tokamax":
     return _tokamax_ragged_dot()
-  if variant == "dense":  # the same FLOPs as one [M, K] @ [K, N]: the ceiling
+  if variant == "dense":  # the same FLOPs as one [M, I] @ [K, N]: the ceiling
     return lambda a, b, g: jnp.dot(a, b[0], preferred_element_type=jnp.float32)
   raise ValueError(f"--variants: unknown {variant!r}; allowed: ours, ragged_dot, tokamax, dense")
 

@@ -20,12 +20,12 @@ _INIT_CACHE = {}
 
 
 def init_params(cfg, seed=0):
-  """(Transformer(cfg), unboxed params); cached per config so tests share one compile of init."""
+  """(Transformer(cfg), unboxed variables {"params", "router"}); cached per config so tests share one compile."""
   key = (cfg.to_json(), seed)
   if key not in _INIT_CACHE:
     model = Transformer(cfg)
     variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))
-    _INIT_CACHE[key] = nn.meta.unbox(variables["params"])
+    _INIT_CACHE[key] = nn.meta.unbox(dict(variables))
   return Transformer(cfg), _INIT_CACHE[key]
 
 
@@ -33,7 +33,7 @@ def to_numpy64(tree):
   return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
 
-def random_bias(params, seed=1, scale=0.3):
+def random_bias(variables, seed=1, scale=0.3):
   """Gives every router a non-zero e_score_correction_bias (so tests exercise biased selection)."""
   rng = np.random.default_rng(seed)
 
@@ -43,7 +43,16 @@ def random_bias(params, seed=1, scale=0.3):
                   else visit(v)) for k, v in tree.items()}
     return tree
 
-  return visit(params)
+  return visit(variables)
+
+
+def merged_params(variables):
+  """The params tree with the "router" collection's biases merged in at the same paths (as the numpy reference
+  and the published checkpoints hold them)."""
+  from flax import traverse_util
+  flat = traverse_util.flatten_dict(variables["params"])
+  flat.update(traverse_util.flatten_dict(variables.get("router", {})))
+  return traverse_util.unflatten_dict(flat)
 
 
 def max_rel_err(a, b):

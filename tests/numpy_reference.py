@@ -102,7 +102,8 @@ def block(p, x, pos, seg, cfg, scale, freq):
 
 
 def forward(params, tokens, cfg, pos=None, seg=None):
-  """One sequence [T]: (logits [T, V], mtp_logits [D, T, V]) per the V3 report, eqs. 21-23 for MTP."""
+  """One sequence [T]: (logits [T, V], mtp_logits [J, T, V]) per the V3 report, eqs. 21-23 for MTP.
+  params: the params tree with each router's e_score_correction_bias merged in (helpers.merged_params)."""
   T = tokens.shape[0]
   freq = yarn_inv_freq(cfg)
   scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
@@ -111,7 +112,7 @@ def forward(params, tokens, cfg, pos=None, seg=None):
   pos = np.arange(T) if pos is None else pos
   seg = np.ones(T, int) if seg is None else seg
   eps = cfg.rms_norm_eps
-  E, head = params["embedding"], params["lm_head"]
+  E, head = params["embedding"], params["lm_head"][:, :cfg.vocab_size]  # the true vocabulary's columns
   x = E[tokens]
   for i in range(cfg.first_k_dense_replace):
     x = block(params[f"dense_layers_{i}"], x, pos, seg, cfg, scale, freq)

@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
+from flax.traverse_util import flatten_dict  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -32,7 +33,8 @@ STEPS, B, T = 5, 8, 16
 
 def config(mesh: dict):
   c = debug.get_config()
-  c.model.vocab_size = 256  # divisible by tensor=2
+  # vocab_size stays the debug config's 257 (bytes + <bos>): its embedding and head are padded to a multiple of
+  # pad_vocab_to_multiple_of, so tensor=2 splits them.
   c.model.rope_scaling = None
   c.model.num_hidden_layers = 2  # 1 dense + 1 MoE (+ the MoE MTP block): every kind of layer, short compiles
   c.data.batch_size = B
@@ -54,7 +56,7 @@ def batches():
     seg[1, T // 2:] = 2  # a packed row
     seg[3, T - 3:] = 0  # padding
     pos = np.where(seg == 2, np.arange(T) - T // 2, np.arange(T)).astype(np.int32)
-    out.append({"tokens": rng.integers(1, 256, (B, T)).astype(np.int32), "segment_ids": seg, "positions": pos})
+    out.append({"tokens": rng.integers(1, 257, (B, T)).astype(np.int32), "segment_ids": seg, "positions": pos})
   return out
 
 
@@ -75,10 +77,11 @@ def run(name: str) -> dict:
     state, m = step(state, global_batch(b, batch_sharding(mesh, rules)))
     losses.append(float(m["loss"]))
     vios.append(float(m["max_vio"]))
-    biases.append({k: np.asarray(v).tolist() for k, v in state.router_bias.items()})
+    biases.append({k: np.asarray(v).tolist() for k, v in flatten_dict(state.router_bias, sep="/").items()})
   emb = np.asarray(state.params["embedding"])
   out = {"losses": losses, "biases": biases, "max_vio": vios, "embedding_sum": float(np.abs(emb).sum()),
-         "dropped": float(m["dropped_fraction"])}
+         "dropped": float(m["dropped_fraction"]), "vocab": [c.model.vocab_size, int(emb.shape[0])],
+         "embedding_spec": str(state.params["embedding"].sharding.spec)}
   if name == "data2_expert4":
     w = state.params["moe_layers_0"]["moe"]["wi_gate"]
     full = np.asarray(w)

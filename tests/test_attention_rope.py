@@ -47,15 +47,14 @@ def test_block_is_causal(is_moe):
   B, T, D = 1, 10, cfg.hidden_size
   x = jax.random.normal(jax.random.PRNGKey(0), (B, T, D))
   pos = jnp.arange(T)[None]
-  from moe_jax.layers import rope_cos_sin
-  cos, sin = rope_cos_sin(cfg, pos)
-  mask = attention_mask(jnp.ones((B, T), jnp.int32))
+  from moe_jax.layers.attention import attention_inputs
+  inputs = attention_inputs(cfg, pos, jnp.ones((B, T), jnp.int32))
   valid = jnp.ones((B, T), bool)
   block = Block(cfg, is_moe)
-  params = jax.jit(block.init)(jax.random.PRNGKey(1), x, cos, sin, mask, valid)
+  params = jax.jit(block.init)(jax.random.PRNGKey(1), x, inputs, valid)
   # One compile, T calls: the gradient of output row t (selected by a one-hot weight) w.r.t. every input row.
   grad_row = jax.jit(jax.grad(lambda x_, w_T: jnp.sum(
-      block.apply(params, x_, cos, sin, mask, valid)[0] ** 2 * w_T[None, :, None])))
+      block.apply(params, x_, inputs, valid)[0] ** 2 * w_T[None, :, None])))
   dep_TS = np.stack([np.abs(np.asarray(grad_row(x, jnp.eye(T)[t])[0])).max(-1) for t in range(T)])
   assert np.all(dep_TS[np.triu_indices(T, 1)] == 0.0), "an output depends on a later input"
   assert np.all(np.diag(dep_TS) > 0) and np.all(dep_TS[np.tril_indices(T, -1)] > 0)
@@ -64,24 +63,24 @@ def test_block_is_causal(is_moe):
 def test_packed_documents_do_not_interact():
   """A row packing docs A and B (positions reset) gives each doc's logits as if run alone."""
   cfg = tiny_config(num_nextn_predict_layers=0)
-  model, params = init_params(cfg)
+  model, variables = init_params(cfg)
   rng = np.random.default_rng(0)
   a, b = rng.integers(0, 256, 7), rng.integers(0, 256, 5)
   packed = np.concatenate([a, b])[None]
   seg = np.array([[1] * 7 + [2] * 5])
   pos = np.array([list(range(7)) + list(range(5))])
   apply = jax.jit(model.apply)
-  logits, _ = apply({"params": params}, jnp.asarray(packed), jnp.asarray(seg), jnp.asarray(pos))
-  la, _ = apply({"params": params}, jnp.asarray(a[None]))
-  lb, _ = apply({"params": params}, jnp.asarray(b[None]))
+  logits, _ = apply(variables, jnp.asarray(packed), jnp.asarray(seg), jnp.asarray(pos))
+  la, _ = apply(variables, jnp.asarray(a[None]))
+  lb, _ = apply(variables, jnp.asarray(b[None]))
   assert max_rel_err(logits[0, :7], la[0]) < 1e-5
   assert max_rel_err(logits[0, 7:], lb[0]) < 1e-5
 
 
 def test_padding_is_excluded_from_expert_load():
   cfg = tiny_config()
-  model, params = init_params(cfg)
+  model, variables = init_params(cfg)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 12)))
   seg = jnp.asarray([[1] * 12, [1] * 8 + [0] * 4])
-  _, aux = jax.jit(model.apply)({"params": params}, tokens, seg)
+  _, aux = jax.jit(model.apply)(variables, tokens, seg)
   np.testing.assert_allclose(np.asarray(aux["expert_load"]).sum(-1), cfg.num_experts_per_tok * 20)

@@ -14,46 +14,46 @@ import scipy.stats
 
 from helpers import init_params, random_bias, tiny_config
 from moe_jax.inference import Generator, Sampling, token_probs
-from moe_jax.inference.perplexity import evaluate_perplexity
+from moe_jax.inference import inference_config, init_cache
+from moe_jax.inference.scoring import evaluate_perplexity
 from moe_jax.model import Transformer
-from moe_jax.inference.decode import forward_cached, inference_config, init_model_cache, mtp_forward_cached
 
 
 def _small_vocab_model(vocab: int, seed: int = 0, **overrides):
   """A debug model with a tiny vocabulary (drafts get accepted often) and a wide init (peaked distributions)."""
   cfg = tiny_config(vocab_size=vocab, dtype="float32", initializer_range=0.15, num_hidden_layers=2, **overrides)
-  model, params = init_params(cfg, seed)
-  return cfg, model, random_bias(params)
+  model, variables = init_params(cfg, seed)
+  return cfg, model, random_bias(variables)
 
 
 def test_cached_prefill_and_decode_equal_full_forward():
-  """Scanned (stacked) parameters; the absorbed and naive attention forms are compared per layer in
-  test_inference_cache.py, and unrolled parameters are decoded by the generation tests below."""
-  absorb = True
+  """Scanned (stacked) parameters, decoded by the same Transformer (nn.scan over stacked caches); the absorbed
+  and naive attention forms are compared per layer in test_inference_cache.py, and unrolled parameters are
+  decoded by the generation tests below."""
   cfg = tiny_config(dtype="float32", scan_layers=True, num_hidden_layers=3, initializer_range=0.1)
-  model, params = init_params(cfg, seed=3)
-  params = random_bias(params)
+  model, variables = init_params(cfg, seed=3)
+  variables = random_bias(variables)
   B, T, P = 2, 11, 5
   tokens = jax.random.randint(jax.random.key(0), (B, T), 0, cfg.vocab_size)
-  full, aux = jax.jit(model.apply)({"params": params}, tokens)
-  icfg = inference_config(cfg)
-  step = jax.jit(lambda toks, c: forward_cached(params, icfg, toks, c, absorb=absorb))
-  mtp_step = jax.jit(lambda h, toks, c: mtp_forward_cached(params, icfg, h, toks, c, absorb=absorb))
-  caches = init_model_cache(icfg, B, 16)
-  out, caches = step(tokens[:, :P], caches)
-  logits, hidden = [out.logits_BTV], [out.hidden_BTD]
+  full, aux = jax.jit(model.apply)(variables, tokens)
+  decoder = Transformer(inference_config(cfg))
+  step = jax.jit(lambda toks, c: decoder.apply(variables, toks, cache=c))
+  mtp_step = jax.jit(lambda h, toks, c: decoder.apply(variables, h, toks, c, method="mtp_step"))
+  caches = init_cache(cfg, B, 16)
+  out, out_aux, caches = step(tokens[:, :P], caches)
+  logits, hidden = [out], [out_aux["hidden"]]
   for t in range(P, T):
-    out, caches = step(tokens[:, t:t + 1], caches)
-    logits.append(out.logits_BTV)
-    hidden.append(out.hidden_BTD)
+    out, out_aux, caches = step(tokens[:, t:t + 1], caches)
+    logits.append(out)
+    hidden.append(out_aux["hidden"])
   chex.assert_trees_all_close(jnp.concatenate(logits, 1), full, atol=2e-5, rtol=1e-5)
   np.testing.assert_array_equal(caches.length_B, [T, T])
   # MTP over its own cache: position i reads h_i and t_{i+1}; in two chunks (prefill + 1-token steps).
   nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
   h = jnp.concatenate(hidden, 1)
-  mtp_a, caches = mtp_step(h[:, :7], nxt[:, :7], caches)
-  mtp_b, caches = mtp_step(h[:, 7:], nxt[:, 7:], caches)
-  got = jnp.concatenate([mtp_a.logits_BTV, mtp_b.logits_BTV], 1)[:, :T - 1]  # the last has no real t_{i+1}
+  mtp_a, _, caches = mtp_step(h[:, :7], nxt[:, :7], caches)
+  mtp_b, _, caches = mtp_step(h[:, 7:], nxt[:, 7:], caches)
+  got = jnp.concatenate([mtp_a, mtp_b], 1)[:, :T - 1]  # the last has no real t_{i+1}
   chex.assert_trees_all_close(got, aux["mtp_logits"][0][:, :T - 1], atol=2e-5, rtol=1e-5)
 
 
@@ -90,14 +90,14 @@ def test_token_probs_match_numpy_reference(temperature, top_k, top_p):
 
 @pytest.fixture(scope="module")
 def small_vocab():
-  cfg, model, params = _small_vocab_model(vocab=16, seed=1)
-  return cfg, model, params, Generator(params, cfg)
+  cfg, model, variables = _small_vocab_model(vocab=16, seed=1)
+  return cfg, model, variables, Generator(variables, cfg)
 
 
-def _last_logits_fn(model, params):
+def _last_logits_fn(model, variables):
   """prefixes (list of id lists) -> float64 logits after each prefix, from the full forward (causal, so right
   padding to one length changes nothing before it; one compilation)."""
-  apply = jax.jit(lambda toks: model.apply({"params": params}, toks, mtp=False)[0])
+  apply = jax.jit(lambda toks: model.apply(variables, toks, mtp=False)[0])
 
   def fn(prefixes):
     padded = np.zeros((bucket_rows(len(prefixes)), 32), np.int32)
@@ -122,10 +122,10 @@ def _greedy_reference(last_logits, prompt, n):
 
 
 def test_greedy_plain_and_speculative_equal_full_forward_greedy(small_vocab):
-  cfg, model, params, gen = small_vocab
+  cfg, model, variables, gen = small_vocab
   prompts = [[1, 5, 9, 2, 3], [7, 8], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
   N = 10
-  last_logits = _last_logits_fn(model, params)
+  last_logits = _last_logits_fn(model, variables)
   want = [_greedy_reference(last_logits, p, N) for p in prompts]
   plain = gen.generate(prompts, max_new_tokens=N)
   assert plain.tokens == want
@@ -149,7 +149,7 @@ def test_greedy_plain_and_speculative_equal_full_forward_greedy(small_vocab):
 
 
 def test_stop_tokens_and_one_compile_per_bucket(small_vocab):
-  cfg, model, params, gen = small_vocab
+  cfg, model, variables, gen = small_vocab
   prompt = [2, 4, 6]
   free = gen.generate([prompt, [5]], max_new_tokens=12)
   stop = free.tokens[0][4]
@@ -171,10 +171,10 @@ def test_sampling_matches_the_target_distribution(speculative):
   norm(max(p - q, 0)), and the third a bonus token: both must still follow p exactly.
   """
   V, n, temperature, top_p = 6, 6000, 1.0, 0.95
-  cfg, model, params = _small_vocab_model(vocab=V, seed=2)
+  cfg, model, variables = _small_vocab_model(vocab=V, seed=2)
   prompt = [1, 3, 0, 2]
 
-  last_logits = _last_logits_fn(model, params)
+  last_logits = _last_logits_fn(model, variables)
 
   def target(prefixes):
     return _np_filtered_probs(last_logits(prefixes), temperature, 0, top_p)
@@ -183,7 +183,7 @@ def test_sampling_matches_the_target_distribution(speculative):
   p2 = target([prompt + [a] for a in range(V)])
   p3 = target([prompt + [a, b] for a in range(V) for b in range(V)]).reshape(V, V, V)
   joint = p1[:, None, None] * p2[:, :, None] * p3
-  gen = Generator(params, cfg)
+  gen = Generator(variables, cfg)
   out = gen.generate([prompt] * n, max_new_tokens=3, sampling=Sampling(temperature, 0, top_p),
                      speculative=speculative, seed=7)
   seqs = np.asarray(out.tokens)
@@ -206,7 +206,7 @@ def test_sampling_matches_the_target_distribution(speculative):
 
 
 def test_generate_rejects_bad_requests(small_vocab):
-  cfg, _, params, gen = small_vocab
+  cfg, _, variables, gen = small_vocab
   with pytest.raises(ValueError, match="max_len=256"):
     gen.generate([[1] * 250], max_new_tokens=10)
   with pytest.raises(ValueError, match="cache holds max_len"):
@@ -227,11 +227,11 @@ def test_generate_rejects_bad_requests(small_vocab):
 
 def test_perplexity_scores_every_token_once(small_vocab):
   """Windows, padding and batching against a plain per-window full forward (no padding, no batch)."""
-  cfg, model, params, _ = small_vocab
+  cfg, model, variables, _ = small_vocab
   rng = np.random.default_rng(5)
   docs = [[0] + rng.integers(1, 16, n).tolist() for n in (4, 22, 8)]
   S = 8
-  apply = jax.jit(lambda toks: model.apply({"params": params}, toks, mtp=False)[0])
+  apply = jax.jit(lambda toks: model.apply(variables, toks, mtp=False)[0])
   nll, count = 0.0, 0
   for doc in docs:
     for start in range(0, len(doc) - 1, S):
@@ -241,7 +241,7 @@ def test_perplexity_scores_every_token_once(small_vocab):
       nll -= sum(float(logp[i, t]) for i, t in enumerate(window[1:]))
       count += len(window) - 1
   assert count == sum(len(d) - 1 for d in docs)
-  got = evaluate_perplexity(params, cfg, docs, n_bytes=100, seq_len=S, batch_size=3)
+  got = evaluate_perplexity(variables, cfg, docs, n_bytes=100, seq_len=S, batch_size=3)
   assert got["tokens"] == count
   np.testing.assert_allclose(got["nll"], nll / count, rtol=1e-5)
   np.testing.assert_allclose(got["bits_per_byte"], nll / np.log(2) / 100, rtol=1e-5)

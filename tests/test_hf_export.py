@@ -20,7 +20,6 @@ from moe_jax.interop import huggingface
 from moe_jax.interop.safetensors_io import SafetensorsCheckpoint
 from moe_jax.model import Transformer
 from moe_jax.sharding import make_mesh, rules_of
-from moe_jax.training.balancing import merge_router_bias
 from moe_jax.training.state import create_train_state
 from moe_jax.training.step import make_train_step
 
@@ -44,10 +43,10 @@ def _trained(scan: bool):
              "segment_ids": np.ones((B, T), np.int32), "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
     state, _ = step(state, batch)
   assert int(state.step) == 3
-  params = merge_router_bias(state.params, state.router_bias)
-  biases = [v for k, v in flatten_dict(params, sep="/").items() if k.endswith("e_score_correction_bias")]
+  variables = {"params": state.params, "router": state.router_bias}
+  biases = [v for k, v in flatten_dict(variables, sep="/").items() if k.endswith("e_score_correction_bias")]
   assert max(float(jnp.abs(b).max()) for b in biases) > 0  # the balancing state is part of what is exported
-  return c.model, model, params
+  return c.model, model, variables
 
 
 def _hf_logits(path, tokens):
@@ -60,12 +59,12 @@ def _hf_logits(path, tokens):
 def test_trained_model_round_trips_through_transformers(scan, tmp_path):
   if scan:  # the scanned (stacked) layout from a random init: one training compile per suite is enough
     cfg = tiny_config(dtype="float32", scan_layers=True, initializer_range=0.1)
-    model, params = init_params(cfg)
-    params = random_bias(params)
+    model, variables = init_params(cfg)
+    variables = random_bias(variables)
   else:
-    cfg, model, params = _trained(scan)
+    cfg, model, variables = _trained(scan)
   path = str(tmp_path / "export")
-  files = huggingface.save(cfg, params, path, max_shard_bytes=300_000)
+  files = huggingface.save(cfg, variables, path, max_shard_bytes=300_000)
   assert len(files) > 1 and os.path.exists(os.path.join(path, "model.safetensors.index.json"))
   hf_cfg = json.load(open(os.path.join(path, "config.json")))
   assert hf_cfg["model_type"] == "deepseek_v3" and hf_cfg["rope_scaling"]["type"] == "yarn"
@@ -75,45 +74,46 @@ def test_trained_model_round_trips_through_transformers(scan, tmp_path):
   assert {f"model.layers.{L}.eh_proj.weight", f"model.layers.{L}.embed_tokens.weight",
           f"model.layers.{L}.shared_head.head.weight", f"model.layers.{L}.mlp.experts.7.down_proj.weight"} <= keys
   tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 40))
-  ours, _ = jax.jit(model.apply)({"params": params}, jnp.asarray(tokens))
+  ours, _ = jax.jit(model.apply)(variables, jnp.asarray(tokens))
   assert max_rel_err(ours, _hf_logits(path, tokens)) <= 1e-4
-  cfg2, params2 = huggingface.load(path, jnp.float32, scan_layers=scan)
+  cfg2, variables2 = huggingface.load(path, jnp.float32, scan_layers=scan)
   assert cfg2.num_nextn_predict_layers == cfg.num_nextn_predict_layers
-  jax.tree.map(np.testing.assert_array_equal, params2, jax.tree.map(np.asarray, params))
+  jax.tree.map(np.testing.assert_array_equal, variables2, jax.tree.map(np.asarray, variables))
   if not scan:  # what `python -m moe_jax.generate --checkpoint=hf:DIR` loads
     loaded = restore.load_model("hf:" + path)
     assert loaded.tokenizer is None and loaded.config.vocab_size == cfg.vocab_size
-    jax.tree.map(np.testing.assert_array_equal, loaded.params, jax.tree.map(np.asarray, params))
+    jax.tree.map(np.testing.assert_array_equal, loaded.variables, jax.tree.map(np.asarray, variables))
 
 
 def test_v2_softmax_model_exports_as_deepseek_v2(tmp_path):
   cfg = tiny_config(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
                     routed_scaling_factor=1.5, num_nextn_predict_layers=0, q_lora_rank=None, dtype="float32",
                     initializer_range=0.1)
-  model, params = init_params(cfg)
-  huggingface.save(cfg, params, str(tmp_path), dtype=jnp.bfloat16)
+  model, variables = init_params(cfg)
+  assert "router" not in variables  # softmax routing has no selection bias
+  huggingface.save(cfg, variables, str(tmp_path), dtype=jnp.bfloat16)
   hf_cfg = json.load(open(tmp_path / "config.json"))
   assert hf_cfg["model_type"] == "deepseek_v2" and hf_cfg["q_lora_rank"] is None
   ckpt = SafetensorsCheckpoint(str(tmp_path))
   assert ckpt.get("model.embed_tokens.weight").dtype == jnp.bfloat16
   tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 24))
-  bf16_params = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), params)
-  ours, _ = jax.jit(model.apply)({"params": bf16_params}, jnp.asarray(tokens))
+  bf16_variables = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), variables)
+  ours, _ = jax.jit(model.apply)(bf16_variables, jnp.asarray(tokens))
   assert max_rel_err(ours, _hf_logits(str(tmp_path), tokens)) <= 1e-4
 
 
 def test_save_refuses_mismatched_params_and_unpublished_configs(tmp_path):
   cfg = tiny_config()
-  _, params = init_params(cfg)
-  params = random_bias(params)
-  broken = dict(params)
-  broken.pop("final_norm")
+  _, variables = init_params(cfg)
+  variables = random_bias(variables)
+  broken = {**variables, "params": dict(variables["params"])}
+  broken["params"].pop("final_norm")
   with pytest.raises(ValueError, match="missing .*final_norm/scale"):
     huggingface.save(cfg, broken, str(tmp_path / "a"))
   assert not os.path.exists(tmp_path / "a")
   odd = tiny_config(scoring_func="softmax")  # softmax scores with V3's noaux_tc selection: no published format
   with pytest.raises(ValueError, match="no published checkpoint format"):
     huggingface.save(odd, {}, str(tmp_path / "b"))
-  huggingface.save(cfg, params, str(tmp_path / "c"))
+  huggingface.save(cfg, variables, str(tmp_path / "c"))
   with pytest.raises(FileExistsError, match="overwrite=True"):
-    huggingface.save(cfg, params, str(tmp_path / "c"))
+    huggingface.save(cfg, variables, str(tmp_path / "c"))

@@ -96,7 +96,8 @@ def release_like(tmp_path_factory):
 
 def test_release_format_loads_fp8_mtp_sharded(release_like):
   path, expected, hf_config = release_like
-  cfg, params = huggingface.load(path)
+  cfg, variables = huggingface.load(path)
+  params = variables["params"]
   assert cfg.num_nextn_predict_layers == 1 and cfg.rope_scaling.factor == 4.0 and cfg.rope_scaling.type == "yarn"
   L, H, N = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.qk_nope_head_dim
   mtp = params["mtp_0"]
@@ -112,12 +113,13 @@ def test_release_format_loads_fp8_mtp_sharded(release_like):
                              expected["model.layers.2.mlp.experts.5.up_proj.weight"].T, rtol=1e-6)
   np.testing.assert_allclose(mtp["block"]["moe"]["wo"][3],
                              expected[f"model.layers.{L}.mlp.experts.3.down_proj.weight"].T, rtol=1e-6)
-  for leaf in flatten_dict(params).values():
+  for leaf in flatten_dict(variables).values():
     assert np.all(np.isfinite(leaf))
 
 
 def test_bfloat16_load(release_like):
-  cfg, params = huggingface.load(release_like[0], jnp.bfloat16)
+  cfg, variables = huggingface.load(release_like[0], jnp.bfloat16)
+  params = variables["params"]
   assert cfg.dtype == "bfloat16"
   assert params["embedding"].dtype == jnp.bfloat16
   assert params["moe_layers_0"]["moe"]["router"]["kernel"].dtype == jnp.float32  # routing stays float32
@@ -145,8 +147,8 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
 def test_mtp_announced_but_absent_warns(tmp_path):
   make_v3(str(tmp_path))
   with pytest.warns(UserWarning, match="holds no MTP layer"):
-    cfg, params = huggingface.load(str(tmp_path))
-  assert cfg.num_nextn_predict_layers == 0 and "mtp_0" not in params
+    cfg, variables = huggingface.load(str(tmp_path))
+  assert cfg.num_nextn_predict_layers == 0 and "mtp_0" not in variables["params"]
 
 
 def test_fp8_without_scale_is_an_error(tmp_path):

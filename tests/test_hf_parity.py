@@ -36,20 +36,20 @@ PARAMS = [(c, False) for c in sorted(CASES)] + [("v3_qlora_yarn", True), ("v2_so
 @pytest.mark.parametrize("case,scan", PARAMS)
 def test_logits_match_transformers(case, scan, tmp_path):
   hf = CASES[case](str(tmp_path))
-  cfg, params = huggingface.load(str(tmp_path), jnp.float32, scan_layers=scan)
+  cfg, variables = huggingface.load(str(tmp_path), jnp.float32, scan_layers=scan)
   tokens = _tokens(cfg.vocab_size)
-  logits, _ = jax.jit(Transformer(cfg).apply)({"params": params}, jnp.asarray(tokens))
+  logits, _ = jax.jit(Transformer(cfg).apply)(variables, jnp.asarray(tokens))
   assert max_rel_err(logits, hf_logits(hf, tokens)) <= 1e-4
 
 
 def test_group_limit_and_bias_actually_change_routing(tmp_path):
   """The V3 parity case must exercise the features it claims: groups and bias alter the chosen experts."""
   hf = make_v3(str(tmp_path))
-  cfg, params = huggingface.load(str(tmp_path))
+  cfg, variables = huggingface.load(str(tmp_path))
   layer = hf.model.layers[1]
   x = torch.randn(64, cfg.hidden_size)
   scores = jax.nn.sigmoid(jnp.asarray((x @ layer.mlp.gate.weight.detach().T).numpy()))[None]
-  bias = jnp.asarray(params["moe_layers_0"]["moe"]["router"]["e_score_correction_bias"])
+  bias = jnp.asarray(variables["router"]["moe_layers_0"]["moe"]["router"]["e_score_correction_bias"])
   assert float(jnp.abs(bias).max()) > 0
   grouped, _ = select_experts(scores, bias, cfg)
   ungrouped_cfg = cfg.copy_and_resolve_references()

@@ -104,12 +104,14 @@ def test_router_bias_gets_no_gradient():
   cfg = _cfg()
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, cfg.hidden_size))
   valid = jnp.ones((2, 8), bool)
-  params = nn.meta.unbox(Router(cfg).init(jax.random.PRNGKey(1), x, valid)["params"])
+  variables = nn.meta.unbox(Router(cfg).init(jax.random.PRNGKey(1), x, valid))
+  assert set(variables["router"]) == {"e_score_correction_bias"} and "e_score_correction_bias" not in variables["params"]
+  variables["router"] = {"e_score_correction_bias": jnp.linspace(-0.3, 0.3, cfg.n_routed_experts)}
 
-  def loss(p):
-    out = Router(cfg).apply({"params": p}, x, valid)
+  def loss(v):
+    out = Router(cfg).apply(v, x, valid)
     return jnp.sum(out.topk_weight_BTK ** 2) + out.balance_loss
 
-  g = jax.grad(loss)(params)
-  assert float(jnp.abs(g["e_score_correction_bias"]).max()) == 0.0
-  assert float(jnp.abs(g["kernel"]).max()) > 0.0
+  g = jax.grad(loss)(variables)
+  assert float(jnp.abs(g["router"]["e_score_correction_bias"]).max()) == 0.0
+  assert float(jnp.abs(g["params"]["kernel"]).max()) > 0.0

@@ -55,6 +55,11 @@ def test_five_steps_match_one_device(worker, name):
   np.testing.assert_allclose(got["max_vio"], one["max_vio"], rtol=1e-6)
   np.testing.assert_allclose(got["embedding_sum"], one["embedding_sum"], rtol=1e-4)
   assert got["dropped"] == 0.0
+  assert got["vocab"] == [257, 384]  # the true vocabulary (bytes + <bos>), padded to a multiple of 128
+
+
+def test_padded_vocabulary_splits_over_tensor(worker):
+  assert worker["fsdp2_expert2_tensor2"]["embedding_spec"] == "P('tensor', 'fsdp')"
 
 
 def test_experts_live_only_on_their_shard_and_dispatch_is_all_to_all(worker):

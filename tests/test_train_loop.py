@@ -64,14 +64,16 @@ def test_train_step_traces_once_moves_bias_by_gamma_and_donates(tmp_path):
   fn = chex.assert_max_traces(train_step_fn(model, c, tx, c.train.num_steps), n=1)
   step = jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh, rules)), out_shardings=(shardings, None),
                  donate_argnums=(0,))
-  bias0 = jax.tree.map(np.asarray, state.router_bias)
+  flat = lambda tree: __import__("flax").traverse_util.flatten_dict(tree, sep="/")  # noqa: E731
+  bias0 = flat(jax.tree.map(np.asarray, state.router_bias))
   params0 = jax.tree.map(np.asarray, state.params)
   for i, batch in enumerate(_batches(c, 4, tmp_path)):  # live rows vary (batch warm-up padding): same shapes
     old = state
     state, m = step(state, batch)
     assert bool(m["finite"])
     if i == 0:
-      for k, b in state.router_bias.items():
+      assert len(bias0) == 3  # the "router" collection: two MoE layers and the MTP block
+      for k, b in flat(state.router_bias).items():
         delta = np.asarray(b) - bias0[k]
         np.testing.assert_allclose(np.abs(delta), 0.01, rtol=1e-5)  # every expert moves by exactly gamma
         assert len(np.unique(np.sign(delta))) == 2  # some up, some down
@@ -176,6 +178,44 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(tmp_path):
   ref.next_batch(8)
   np.testing.assert_array_equal(fresh.next_batch(8)["tokens"], ref.next_batch(8)["tokens"])
   ck.close()
+
+
+def test_workdir_from_before_the_router_collection_restores(tmp_path):
+  """A run written before the routing biases became the "router" collection (its train state held them as one
+  flat {"path/e_score_correction_bias": array} dict) and before vocabulary padding (config.json has no
+  pad_vocab_to_multiple_of; 257 embedding rows) restores for training and for inference, converted; resuming it
+  under the padded default stops at once and says which flag resumes it."""
+  from flax.traverse_util import flatten_dict
+  from moe_jax import restore
+  c = _config(tmp_path, num_steps=6)
+  c.model.pad_vocab_to_multiple_of = 1
+  model, mesh, rules = Transformer(c.model), make_mesh(c.mesh), rules_of(c.mesh)
+  state, shardings, tx = create_train_state(model, c.train, mesh, rules, 0)
+  state = state.replace(router_bias=jax.tree.map(lambda b: b + jnp.linspace(-0.2, 0.3, b.shape[-1]),
+                                                 state.router_bias))
+  loader = BatchLoader(train_rows(c.data, ByteTokenizer(), 0), c.data.batch_size, c.data.seq_len)
+  work = tmp_path / "old"
+  ck = Checkpointer(str(work / "checkpoints"), every=1, keep=3)
+  ck.save(3, state.replace(router_bias=flatten_dict(state.router_bias, sep="/")), loader, force=True)
+  ck.close()
+  old = c.to_dict()
+  for field in ("pad_vocab_to_multiple_of", "decode_attention"):
+    del old["model"][field]
+  (work / "config.json").write_text(json.dumps(old))
+  logs = []
+  ck = Checkpointer(str(work / "checkpoints"), every=1, keep=3)
+  fresh = BatchLoader(train_rows(c.data, ByteTokenizer(), 0), c.data.batch_size, c.data.seq_len)
+  restored, step = ck.restore_latest(abstract_like(state, shardings), fresh, log=logs.append)
+  ck.close()
+  assert step == 3 and any("earlier layout" in line for line in logs), logs
+  chex.assert_trees_all_equal(restored.router_bias, state.router_bias)
+  chex.assert_trees_all_equal(restored.params, state.params)
+  loaded = restore.load_model(str(work))
+  assert loaded.config.pad_vocab_to_multiple_of == 1 and loaded.variables["params"]["embedding"].shape[0] == 257
+  chex.assert_trees_all_equal(loaded.variables["router"], jax.device_get(state.router_bias))
+  padded = _config(tmp_path, num_steps=6)
+  with pytest.raises(ValueError, match="pad_vocab_to_multiple_of=1"):
+    train_and_evaluate(padded, str(work), log=lambda _: None)
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tmp_path):

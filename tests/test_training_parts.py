@@ -12,7 +12,9 @@ import pytest
 
 from configs import debug
 from moe_jax.training import schedules
-from moe_jax.training.balancing import max_violation, merge_router_bias, split_router_bias, update_router_bias
+from flax import traverse_util
+
+from moe_jax.training.balancing import max_violation, update_router_bias
 from moe_jax.training.config import validate_config
 from moe_jax.training.loss import training_loss
 from moe_jax.training.optimizer import decay_mask
@@ -55,20 +57,21 @@ def test_training_loss_matches_float64_numpy():
 
 
 def test_bias_update_hand_computed():
-  bias = {"moe_layers_0/moe/router/e_score_correction_bias": jnp.asarray([0.0, 0.5, -0.2, 0.1]),
-          "moe_layers_1/moe/router/e_score_correction_bias": jnp.zeros(4),
-          "mtp_0/block/moe/router/e_score_correction_bias": jnp.zeros(4)}
+  tree = lambda flat: traverse_util.unflatten_dict(flat, sep="/")  # noqa: E731 - the "router" collection's shape
+  bias = tree({"moe_layers_0/moe/router/e_score_correction_bias": jnp.asarray([0.0, 0.5, -0.2, 0.1]),
+               "moe_layers_1/moe/router/e_score_correction_bias": jnp.zeros(4),
+               "mtp_0/block/moe/router/e_score_correction_bias": jnp.zeros(4)})
   aux = {"expert_load": jnp.asarray([[10.0, 2.0, 4.0, 4.0], [5.0, 5.0, 5.0, 5.0]]),
          "mtp_expert_load": jnp.asarray([[0.0, 0.0, 1.0, 7.0]])}
-  new = update_router_bias(bias, aux, 0.001)
+  new = traverse_util.flatten_dict(update_router_bias(bias, aux, 0.001), sep="/")
   # layer 0: mean 5 -> sign(5 - load) = [-1, +1, +1, +1]
   np.testing.assert_allclose(new["moe_layers_0/moe/router/e_score_correction_bias"],
                              [-0.001, 0.501, -0.199, 0.101], atol=1e-7)
   np.testing.assert_array_equal(new["moe_layers_1/moe/router/e_score_correction_bias"], np.zeros(4))  # balanced
   np.testing.assert_allclose(new["mtp_0/block/moe/router/e_score_correction_bias"], [0.001, 0.001, 0.001, -0.001])
   # Scanned layers: one [L, E] bias driven by the [L, E] loads row by row.
-  stacked = {"moe_layers/moe/router/e_score_correction_bias": jnp.zeros((2, 4))}
-  out = update_router_bias(stacked, aux, 0.5)["moe_layers/moe/router/e_score_correction_bias"]
+  stacked = tree({"moe_layers/moe/router/e_score_correction_bias": jnp.zeros((2, 4))})
+  out = update_router_bias(stacked, aux, 0.5)["moe_layers"]["moe"]["router"]["e_score_correction_bias"]
   np.testing.assert_allclose(out, [[-0.5, 0.5, 0.5, 0.5], [0, 0, 0, 0]])
 
 
@@ -79,21 +82,20 @@ def test_max_violation():
 
 def test_router_bias_is_outside_params_and_gets_no_gradient():
   cfg = tiny_config()
-  model, params = init_params(cfg)
-  params = jax.tree.map(jnp.asarray, params)
-  trainable, bias = split_router_bias(params)
+  model, variables = init_params(cfg)
+  variables = jax.tree.map(jnp.asarray, variables)
+  trainable, bias = variables["params"], traverse_util.flatten_dict(variables["router"], sep="/")
   assert len(bias) == 3 and all(k.endswith("e_score_correction_bias") for k in bias)
   assert "e_score_correction_bias" not in str(jax.tree_util.tree_structure(trainable))
-  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), merge_router_bias(trainable, bias), params))
-  bias = {k: v + 0.3 for k, v in bias.items()}
+  bias = jax.tree.map(lambda v: v + 0.3, variables["router"])
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16)), jnp.int32)
 
   def f(b):
-    logits, aux = model.apply({"params": merge_router_bias(trainable, b)}, tokens)
+    logits, aux = model.apply({"params": trainable, "router": b}, tokens)
     return jnp.sum(logits ** 2) + jnp.sum(aux["balance_loss"])
 
   grads = jax.jit(jax.grad(f))(bias)
-  for g in grads.values():
+  for g in jax.tree.leaves(grads):
     np.testing.assert_array_equal(g, 0.0)
 
 
@@ -103,7 +105,6 @@ def test_weight_decay_mask_matrices_only():
     from moe_jax.model import Transformer
 
     boxed = jax.eval_shape(Transformer(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    boxed, _ = split_router_bias(boxed)
     mask = {"/".join(str(getattr(k, "key", k)) for k in path): v
             for path, v in jax.tree_util.tree_flatten_with_path(decay_mask(boxed))[0]}
     assert mask and not any(k.endswith("e_score_correction_bias") for k in mask)

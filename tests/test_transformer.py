@@ -16,8 +16,8 @@ def _tokens(cfg, shape=(2, 12), seed=0):
 
 def test_output_shapes():
   cfg = tiny_config()
-  model, params = init_params(cfg)
-  logits, aux = jax.jit(model.apply)({"params": params}, _tokens(cfg))
+  model, variables = init_params(cfg)
+  logits, aux = jax.jit(model.apply)(variables, _tokens(cfg))
   chex.assert_shape(logits, (2, 12, cfg.vocab_size))
   n_moe, E = cfg.num_hidden_layers - cfg.first_k_dense_replace, cfg.n_routed_experts
   chex.assert_shape(aux["expert_load"], (n_moe, E))
@@ -25,19 +25,19 @@ def test_output_shapes():
   chex.assert_shape(aux["mtp_logits"], (1, 2, 12, cfg.vocab_size))
   chex.assert_shape(aux["mtp_expert_load"], (1, E))
   assert logits.dtype == jnp.float32
-  _, aux_no_mtp = jax.jit(lambda p, t: model.apply({"params": p}, t, mtp=False))(params, _tokens(cfg))
+  _, aux_no_mtp = jax.jit(lambda v, t: model.apply(v, t, mtp=False))(variables, _tokens(cfg))
   assert "mtp_logits" not in aux_no_mtp
 
 
 def test_scan_equals_unrolled():
   cfg = tiny_config(num_hidden_layers=4)
-  model, params = init_params(cfg)
-  params = random_bias(params)
+  model, variables = init_params(cfg)
+  variables = random_bias(variables)
   scfg = tiny_config(num_hidden_layers=4, scan_layers=True)
-  stacked = _stack(params)
+  stacked = {collection: _stack(tree) for collection, tree in variables.items()}
   tokens = _tokens(cfg)
-  l1, a1 = jax.jit(model.apply)({"params": params}, tokens)
-  l2, a2 = jax.jit(Transformer(scfg).apply)({"params": stacked}, tokens)
+  l1, a1 = jax.jit(model.apply)(variables, tokens)
+  l2, a2 = jax.jit(Transformer(scfg).apply)(stacked, tokens)
   chex.assert_trees_all_close((l1, a1), (l2, a2), rtol=1e-5, atol=1e-5)
 
 
@@ -45,35 +45,40 @@ def test_scan_equals_unrolled():
 def test_remat_changes_nothing_numerically(policy):
   small = dict(num_hidden_layers=2, num_nextn_predict_layers=0)
   cfg = tiny_config(**small)
-  model, params = init_params(cfg)
+  model, variables = init_params(cfg)
   tokens = _tokens(cfg)
 
-  def loss(m):
-    return lambda p: jnp.mean(m.apply({"params": p}, tokens)[0] ** 2)
+  def loss(m, router):
+    return lambda p: jnp.mean(m.apply({"params": p, "router": router}, tokens)[0] ** 2)
 
-  g0 = jax.jit(jax.grad(loss(model)))(params)
+  g0 = jax.jit(jax.grad(loss(model, variables["router"])))(variables["params"])
   remat_model = Transformer(tiny_config(remat_policy=policy, scan_layers=policy == "dots", **small))
-  g1 = jax.jit(jax.grad(loss(remat_model)))(params if policy != "dots" else _stack(params))
+  if policy != "dots":
+    g1 = jax.jit(jax.grad(loss(remat_model, variables["router"])))(variables["params"])
+  else:
+    g1 = jax.jit(jax.grad(loss(remat_model, _stack(variables["router"]))))(_stack(variables["params"]))
   if policy == "dots":
     g0 = _stack(g0)
   chex.assert_trees_all_close(g0, g1, rtol=1e-5, atol=1e-6)
 
 
-def _stack(params):
-  out = {k: v for k, v in params.items() if not k.startswith(("dense_layers_", "moe_layers_"))}
+def _stack(tree):
+  """An unrolled variable collection's layers stacked as nn.scan holds them."""
+  out = {k: v for k, v in tree.items() if not k.startswith(("dense_layers_", "moe_layers_"))}
   for group in ("dense_layers", "moe_layers"):
-    layers = sorted((k for k in params if k.startswith(group + "_")), key=lambda k: int(k.rsplit("_", 1)[1]))
-    out[group] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[k] for k in layers])
+    layers = sorted((k for k in tree if k.startswith(group + "_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    if layers:
+      out[group] = jax.tree.map(lambda *xs: jnp.stack(xs), *[tree[k] for k in layers])
   return out
 
 
 def test_bfloat16_compute_tracks_float32():
   cfg = tiny_config(num_nextn_predict_layers=0)
-  model, params = init_params(cfg)
+  model, variables = init_params(cfg)
   tokens = _tokens(cfg)
-  l32, _ = jax.jit(model.apply)({"params": params}, tokens)
+  l32, _ = jax.jit(model.apply)(variables, tokens)
   l16, _ = jax.jit(Transformer(tiny_config(num_nextn_predict_layers=0, dtype="bfloat16")).apply)(
-      {"params": params}, tokens)
+      variables, tokens)
   assert l16.dtype == jnp.float32 and np.all(np.isfinite(l16))
   # bf16 rounding of the router's input can flip a near-tied expert choice for a few tokens (a discrete change),
   # so the bound is on the typical token: 90% of positions within 5%, and all within 25%.
@@ -84,33 +89,33 @@ def test_bfloat16_compute_tracks_float32():
 
 def test_capacity_dispatch_reports_drops():
   cfg = tiny_config(moe_dispatch="capacity", capacity_factor=0.5)
-  model, params = init_params(cfg)
-  _, aux = jax.jit(model.apply)({"params": params}, _tokens(cfg))
+  model, variables = init_params(cfg)
+  _, aux = jax.jit(model.apply)(variables, _tokens(cfg))
   assert np.all(np.asarray(aux["dropped_fraction"]) > 0)
   big = Transformer(tiny_config(moe_dispatch="capacity", capacity_factor=8.0))
-  l_cap, aux_cap = jax.jit(big.apply)({"params": params}, _tokens(cfg))
-  l_dl, _ = jax.jit(Transformer(tiny_config()).apply)({"params": params}, _tokens(cfg))
+  l_cap, aux_cap = jax.jit(big.apply)(variables, _tokens(cfg))
+  l_dl, _ = jax.jit(Transformer(tiny_config()).apply)(variables, _tokens(cfg))
   assert np.all(np.asarray(aux_cap["dropped_fraction"]) == 0)
   assert max_rel_err(l_cap, l_dl) < 1e-5
 
 
 def test_jitted_forward_traces_once():
   cfg = tiny_config()
-  model, params = init_params(cfg)
+  model, variables = init_params(cfg)
 
   @jax.jit
   @chex.assert_max_traces(n=1)
-  def forward(p, t):
-    return model.apply({"params": p}, t)[0]
+  def forward(v, t):
+    return model.apply(v, t)[0]
 
   for seed in range(3):
-    forward(params, _tokens(cfg, seed=seed)).block_until_ready()
+    forward(variables, _tokens(cfg, seed=seed)).block_until_ready()
 
 
 def test_bad_tokens_raise_clearly():
   cfg = tiny_config()
-  model, params = init_params(cfg)
+  model, variables = init_params(cfg)
   with pytest.raises(ValueError, match="integer array"):
-    model.apply({"params": params}, jnp.ones((2, 4), jnp.float32))
+    model.apply(variables, jnp.ones((2, 4), jnp.float32))
   with pytest.raises(ValueError, match="segment_ids shape"):
-    model.apply({"params": params}, _tokens(cfg), jnp.ones((2, 5), jnp.int32))
+    model.apply(variables, _tokens(cfg), jnp.ones((2, 5), jnp.int32))

@@ -1,15 +1,14 @@
-"""Inference: MLA's compressed latent KV cache, whole-model prefill/decode over it, sampling, and batched
-generation with optional MTP speculative decoding.
+"""Inference: drives the model (`moe_jax.model`: prefill and decode over its latent caches) -- sampling, batched
+generation with optional MTP speculative decoding, and perplexity. Nothing here restates a layer.
 
-  mla_cache  one layer's latent cache and MLA over it (absorbed and naive)
-  decode     the whole model (main layers and MTP modules) over per-layer caches
   sampling   temperature / top-k / top-p distributions (greedy = one-hot)
-  generate   `Generator`: jitted prefill + while-loop decoding per shape bucket, plain or speculative
+  generator  `Generator`: jitted prefill + while-loop decoding per shape bucket, plain or speculative
+  scoring    perplexity and bits per byte of documents
 """
 
-from moe_jax.inference.generate import GenerationResult, Generator
-from moe_jax.inference.mla_cache import LatentCache, cache_bytes_per_token, init_cache, mla_attend
+from moe_jax.inference.generator import GenerationResult, Generator, inference_config
 from moe_jax.inference.sampling import Sampling, token_probs
+from moe_jax.model.cache import DecodeCache, cache_bytes_per_token, init_cache, with_length
 
-__all__ = ["GenerationResult", "Generator", "LatentCache", "Sampling", "cache_bytes_per_token", "init_cache",
-           "mla_attend", "token_probs"]
+__all__ = ["DecodeCache", "GenerationResult", "Generator", "Sampling", "cache_bytes_per_token", "inference_config",
+           "init_cache", "token_probs", "with_length"]

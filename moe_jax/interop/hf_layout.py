@@ -1,11 +1,12 @@
 """The tensor layout of DeepSeek-V2/V3 checkpoints (HF names) and how each maps onto moe_jax parameters.
 
 `checkpoint_layout(cfg)` returns {hf_key: HFTensor}. An HFTensor knows its HF shape, how to cut the
-(torch-layout, [out, in]) array into moe_jax parameters (`assign`: a list of (param path, index into a stacked
-leading axis or (), array)), and the inverse (`export`: builds the HF array from a parameter getter). Loading
+(torch-layout, [out, in]) array into moe_jax variables (`assign`: a list of (path, index -- into a stacked
+leading axis, the true-vocabulary rows, or () -- , array)), and the inverse (`export`: builds the HF array from a parameter getter). Loading
 iterates the checkpoint through this table, export iterates the table; missing and unexpected names fall out
 of comparing key sets. Layer i is `dense_layers[_i]` for i < first_k_dense_replace, else `moe_layers[_j]`;
-MTP module k is checkpoint layer `num_hidden_layers + k`.
+MTP module k is checkpoint layer `num_hidden_layers + k`. Paths are inside the variables' collections: the
+routing biases (`e_score_correction_bias`) in "router", everything else in "params" (`collection_of`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from typing import Any, Callable
 import numpy as np
 
 from moe_jax.config import mtp_block_is_moe
+from moe_jax.layers.router import BIAS_COLLECTION, BIAS_NAME
 
-Assignment = tuple[tuple[str, ...], tuple[int, ...], np.ndarray]
+Assignment = tuple[tuple[str, ...], tuple, np.ndarray]
+
+
+def collection_of(path: tuple[str, ...]) -> str:
+  """The variable collection a layout path lives in."""
+  return BIAS_COLLECTION if path[-1] == BIAS_NAME else "params"
 
 
 Getter = Callable[[tuple, tuple], np.ndarray]  # (param path, index) -> that parameter (slice)
@@ -63,9 +70,9 @@ def _out_proj(path, index, heads, v_dim, d):
   return (lambda w: [(path, index, w.T.reshape(heads, v_dim, d))]), (lambda get: get(path, index).reshape(-1, d).T)
 
 
-def _copy_of(path):
+def _copy_of(path, index=()):
   """A tensor the checkpoint repeats (the MTP layer's embedding / head): nothing to load, exported from `path`."""
-  return (lambda w: []), (lambda get: get(path, ()))
+  return (lambda w: []), (lambda get: get(path, index))
 
 
 def _block_layout(cfg: Any, hf_prefix: str, prefix: tuple[str, ...], idx: tuple[int, ...], is_moe: bool) -> dict:
@@ -101,7 +108,7 @@ def _block_layout(cfg: Any, hf_prefix: str, prefix: tuple[str, ...], idx: tuple[
     m = prefix + ("moe",)
     t["mlp.gate.weight"] = HFTensor((E, D), *_linear(m + ("router", "kernel"), idx))
     if cfg.topk_method == "noaux_tc":
-      t["mlp.gate.e_score_correction_bias"] = HFTensor((E,), *_vector(m + ("router", "e_score_correction_bias"), idx))
+      t["mlp.gate.e_score_correction_bias"] = HFTensor((E,), *_vector(m + ("router", BIAS_NAME), idx))
     for e in range(E):
       ex = f"mlp.experts.{e}."
       t[ex + "gate_proj.weight"] = HFTensor((F, D), *_linear(m + ("wi_gate",), idx + (e,)), True)
@@ -119,12 +126,14 @@ def checkpoint_layout(cfg: Any, num_mtp: int | None = None) -> dict[str, HFTenso
   """Every tensor a DeepSeek-V2/V3 checkpoint of this config holds (with `num_mtp` MTP layers, default the config's)."""
   V, D, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
   num_mtp = cfg.num_nextn_predict_layers if num_mtp is None else num_mtp
+  # The checkpoint holds the true vocabulary; the embedding and head may carry padding rows beyond it.
+  rows, cols = (slice(0, V),), (slice(None), slice(0, V))
   t = {
-      "model.embed_tokens.weight": HFTensor((V, D), *_vector(("embedding",))),
+      "model.embed_tokens.weight": HFTensor((V, D), *_vector(("embedding",), rows)),
       "model.norm.weight": HFTensor((D,), *_vector(("final_norm", "scale"))),
   }
   if not cfg.tie_word_embeddings:
-    t["lm_head.weight"] = HFTensor((V, D), *_linear(("lm_head",)))
+    t["lm_head.weight"] = HFTensor((V, D), *_linear(("lm_head",), cols))
   for i in range(L):
     is_moe = i >= cfg.first_k_dense_replace
     group, j = ("moe_layers", i - cfg.first_k_dense_replace) if is_moe else ("dense_layers", i)
@@ -138,8 +147,8 @@ def checkpoint_layout(cfg: Any, num_mtp: int | None = None) -> dict[str, HFTenso
     t[hp + "eh_proj.weight"] = HFTensor((D, 2 * D), *_linear(p + ("eh_proj",)), True)
     t[hp + "shared_head.norm.weight"] = HFTensor((D,), *_vector(p + ("head_norm", "scale")))
     # The MTP layer stores its own copies of the embedding and head; moe_jax shares the main model's.
-    t[hp + "embed_tokens.weight"] = HFTensor((V, D), *_copy_of(("embedding",)))
-    head = _copy_of(("embedding",)) if cfg.tie_word_embeddings else _linear(("lm_head",))
+    t[hp + "embed_tokens.weight"] = HFTensor((V, D), *_copy_of(("embedding",), rows))
+    head = _copy_of(("embedding",), rows) if cfg.tie_word_embeddings else _linear(("lm_head",), cols)
     t[hp + "shared_head.head.weight"] = HFTensor((V, D), lambda w: [], head[1])
   return t
 

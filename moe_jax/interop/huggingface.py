@@ -1,13 +1,15 @@
 """Load and save DeepSeek-V2/V3 checkpoints in the published (HF) format: config.json + safetensors.
 
-    model_config, params = moe_jax.interop.huggingface.load("/path/to/DeepSeek-V3", dtype=jnp.bfloat16)
-    logits, aux = Transformer(model_config).apply({"params": params}, tokens)
-    moe_jax.interop.huggingface.save(model_config, params, "/path/to/export")   # loads in transformers
+    model_config, variables = moe_jax.interop.huggingface.load("/path/to/DeepSeek-V3", dtype=jnp.bfloat16)
+    logits, aux = Transformer(model_config).apply(variables, tokens)      # {"params": ..., "router": ...}
+    moe_jax.interop.huggingface.save(model_config, variables, "/path/to/export")   # loads in transformers
 
 Handles single-file and sharded (`model.safetensors.index.json`) checkpoints, the V3 release's FP8 e4m3 weights
 with 128x128-block `weight_scale_inv` (dequantised on load), per-expert tensors, the MTP layer stored as layer
 `num_hidden_layers`, and rope settings under `rope_scaling` or `rope_parameters`. Tensors are read one at a time
 (memory-mapped) into preallocated parameter buffers, so the checkpoint is never held twice in host memory.
+The routing biases `e_score_correction_bias` are the model's "router" collection; the checkpoint holds the true
+vocabulary, and the embedding / head padding rows (`pad_vocab_to_multiple_of`) are zero after loading.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from flax.core import meta
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from moe_jax.interop.hf_config import fp8_block_size, hf_config_from_model, model_config_from_hf
-from moe_jax.interop.hf_layout import checkpoint_layout, mtp_layers_present
+from moe_jax.config import padded_vocab_size
+from moe_jax.interop.hf_layout import checkpoint_layout, collection_of, mtp_layers_present
 from moe_jax.interop.safetensors_io import SafetensorsCheckpoint, dequantize_fp8_blockwise, write_file
-from moe_jax.model.params import param_shapes
+from moe_jax.model.params import variable_shapes
+from moe_jax.model.variables import as_variables
 
 log = logging.getLogger(__name__)
 _SCALE_SUFFIX = "_scale_inv"  # FP8 release: "<name>.weight" + "<name>.weight_scale_inv"
@@ -42,8 +46,16 @@ def _name_list(names, limit: int = 12) -> str:
   return ", ".join(names[:limit]) + more
 
 
+def _flat_variables(variables: dict) -> dict:
+  """{path inside its collection: leaf} over "params" and "router" (their paths never collide)."""
+  out = {}
+  for collection in variables.values():
+    out.update(flatten_dict(collection))
+  return out
+
+
 def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> tuple[Any, dict]:
-  """Returns (model_config, params) for a DeepseekV2ForCausalLM / DeepseekV3ForCausalLM checkpoint directory.
+  """Returns (model_config, variables {"params": ..., "router": ...}) for a DeepseekV2ForCausalLM / DeepseekV3ForCausalLM checkpoint directory.
 
   dtype: the parameters' storage and compute dtype (routers stay float32). scan_layers: stack identical layers
   for `nn.scan`. If config.json announces MTP layers that the checkpoint does not hold (transformers neither
@@ -79,9 +91,15 @@ def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> t
     raise ValueError(f"{path}: checkpoint does not match its config.json.\n  missing ({len(missing)}): "
                      f"{_name_list(missing)}\n  unexpected ({len(unexpected)}): {_name_list(unexpected)}")
 
-  targets = flatten_dict(param_shapes(cfg))
+  targets = _flat_variables(variable_shapes(cfg))
   buffers: dict[tuple[str, ...], np.ndarray] = {}
   filled = dict.fromkeys(targets, 0)
+  # Padding rows of the embedding and head are not in the checkpoint: zeros, counted as filled.
+  padding = (padded_vocab_size(cfg) - cfg.vocab_size) * cfg.hidden_size
+  for p in (("embedding",), ("lm_head",)):
+    if p in targets and padding:
+      buffers[p] = np.zeros(targets[p].shape, targets[p].dtype)
+      filled[p] = padding
   block = fp8_block_size(hf)
   order = [k for k in ckpt.keys() if k in layout]  # file order: sequential reads
   t0, next_report = time.time(), 0.1
@@ -111,19 +129,18 @@ def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> t
   if unfilled:
     raise ValueError(f"{path}: parameters not (fully) covered by the checkpoint: "
                      f"{_name_list('/'.join(p) for p in unfilled)}")
-  params = {}
+  variables: dict[str, dict] = {}
   for p in list(buffers):  # hand buffers to JAX one at a time, freeing each host copy
-    params[p] = jax.device_put(buffers.pop(p))
-  return cfg, unflatten_dict(params)
+    variables.setdefault(collection_of(p), {})[p] = jax.device_put(buffers.pop(p))
+  return cfg, {k: unflatten_dict(v) for k, v in variables.items()}
 
 
-def save(config: Any, params: Any, path: str, *, dtype: Any = None, max_shard_bytes: int = 4 << 30,
+def save(config: Any, variables: Any, path: str, *, dtype: Any = None, max_shard_bytes: int = 4 << 30,
          overwrite: bool = False) -> list[str]:
-  """Writes `params` of a model with `config` as a DeepseekV3/V2 checkpoint that transformers and `load` read.
+  """Writes `variables` of a model with `config` as a DeepseekV3/V2 checkpoint that transformers and `load` read.
 
-  params: the full parameter tree *with* the routing biases (a train state's
-  `moe_jax.training.balancing.merge_router_bias(state.params, state.router_bias)`), scanned or unrolled (as
-  `config.scan_layers` says), boxed or not, on any devices. Written: config.json, per-expert tensors, the MTP
+  variables: {"params": ..., "router": ...} (a train state's `{"params": state.params, "router":
+  state.router_bias}`), scanned or unrolled (as `config.scan_layers` says), boxed or not, on any devices. Written: config.json, per-expert tensors, the MTP
   modules as layers num_hidden_layers.. (with the copies of the embedding and head the format repeats), in
   files of at most `max_shard_bytes` (model.safetensors, or model-0000k-of-0000n.safetensors plus
   model.safetensors.index.json). dtype: storage dtype (default: each parameter's own); the routing biases stay
@@ -134,8 +151,8 @@ def save(config: Any, params: Any, path: str, *, dtype: Any = None, max_shard_by
   if os.path.exists(config_path) and not overwrite:
     raise FileExistsError(f"{path} already holds a checkpoint (config.json); pass overwrite=True to replace it")
   hf = hf_config_from_model(config)  # raises for configs with no published format
-  flat = flatten_dict(meta.unbox(params))
-  expect = flatten_dict(param_shapes(config))
+  flat = _flat_variables(as_variables(meta.unbox(variables)))
+  expect = _flat_variables(variable_shapes(config))
   missing, unexpected = expect.keys() - flat.keys(), flat.keys() - expect.keys()
   if missing or unexpected:
     raise ValueError(f"params do not match the config.\n  missing ({len(missing)}): "

@@ -1,7 +1,7 @@
 """Grouped matmul (gmm): out[m] = lhs[m] @ rhs[group(m)], groups given as sizes of consecutive row blocks.
 
-    gmm : out_MN[m]  = lhs_MK[m] @ rhs_EKN[e(m)]                 (rows of group e are contiguous, in order)
-    tgmm: out_EKN[e] = sum_{m in group e} lhs_MK[m]^T dout_MN[m]  (the weight gradient)
+    gmm : out_MO[m]  = lhs_MI[m] @ rhs_EIO[e(m)]                 (rows of group e are contiguous, in order)
+    tgmm: out_EIO[e] = sum_{m in group e} lhs_MI[m]^T dout_MO[m]  (the weight gradient)
 The vjp of gmm is  d lhs = gmm(dout, rhs^T)  and  d rhs = tgmm(lhs, dout), which is what the `custom_vjp` below
 calls for the tiled and Pallas backends (the others are differentiated by JAX).
 
@@ -69,16 +69,16 @@ def resolve_backend(backend: str, platform: str | None = None, interpret: bool |
   return backend
 
 
-def _reference(lhs_MK, rhs_EKN, group_sizes_E, out_dtype):
+def _reference(lhs_MI, rhs_EIO, group_sizes_E, out_dtype):
   ends_E = jnp.cumsum(group_sizes_E)
   starts_E = ends_E - group_sizes_E
-  rows_M = jnp.arange(lhs_MK.shape[0])
-  out_MN = jnp.zeros((lhs_MK.shape[0], rhs_EKN.shape[2]), out_dtype)
-  for e in range(rhs_EKN.shape[0]):
+  rows_M = jnp.arange(lhs_MI.shape[0])
+  out_MO = jnp.zeros((lhs_MI.shape[0], rhs_EIO.shape[2]), out_dtype)
+  for e in range(rhs_EIO.shape[0]):
     in_group_M = (rows_M >= starts_E[e]) & (rows_M < ends_E[e])
-    prod_MN = jnp.dot(lhs_MK, rhs_EKN[e], preferred_element_type=out_dtype)
-    out_MN = out_MN + jnp.where(in_group_M[:, None], prod_MN, 0)
-  return out_MN
+    prod_MO = jnp.dot(lhs_MI, rhs_EIO[e], preferred_element_type=out_dtype)
+    out_MO = out_MO + jnp.where(in_group_M[:, None], prod_MO, 0)
+  return out_MO
 
 
 def _impl(backend: str, interpret: bool):
@@ -92,69 +92,69 @@ def _impl(backend: str, interpret: bool):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _gmm_vjp(lhs_MK, rhs_EKN, group_sizes_E, backend, out_dtype, interpret):
-  return _impl(backend, interpret)[0](lhs_MK, rhs_EKN, group_sizes_E, out_dtype)
+def _gmm_vjp(lhs_MI, rhs_EIO, group_sizes_E, backend, out_dtype, interpret):
+  return _impl(backend, interpret)[0](lhs_MI, rhs_EIO, group_sizes_E, out_dtype)
 
 
-def _gmm_vjp_fwd(lhs_MK, rhs_EKN, group_sizes_E, backend, out_dtype, interpret):
-  out = _impl(backend, interpret)[0](lhs_MK, rhs_EKN, group_sizes_E, out_dtype)
-  return out, (lhs_MK, rhs_EKN, group_sizes_E)
+def _gmm_vjp_fwd(lhs_MI, rhs_EIO, group_sizes_E, backend, out_dtype, interpret):
+  out = _impl(backend, interpret)[0](lhs_MI, rhs_EIO, group_sizes_E, out_dtype)
+  return out, (lhs_MI, rhs_EIO, group_sizes_E)
 
 
-def _gmm_vjp_bwd(backend, out_dtype, interpret, res, dout_MN):
-  lhs_MK, rhs_EKN, group_sizes_E = res
+def _gmm_vjp_bwd(backend, out_dtype, interpret, res, dout_MO):
+  lhs_MI, rhs_EIO, group_sizes_E = res
   mm, tmm = _impl(backend, interpret)
-  dout_MN = dout_MN.astype(lhs_MK.dtype)
-  dlhs = mm(dout_MN, jnp.swapaxes(rhs_EKN, 1, 2), group_sizes_E, jnp.float32).astype(lhs_MK.dtype)
-  drhs = tmm(lhs_MK, dout_MN, group_sizes_E, rhs_EKN.dtype)
+  dout_MO = dout_MO.astype(lhs_MI.dtype)
+  dlhs = mm(dout_MO, jnp.swapaxes(rhs_EIO, 1, 2), group_sizes_E, jnp.float32).astype(lhs_MI.dtype)
+  drhs = tmm(lhs_MI, dout_MO, group_sizes_E, rhs_EIO.dtype)
   return dlhs, drhs, None
 
 
 _gmm_vjp.defvjp(_gmm_vjp_fwd, _gmm_vjp_bwd)
 
 
-def _check(lhs_MK, rhs_EKN, group_sizes_E):
-  if lhs_MK.ndim != 2 or rhs_EKN.ndim != 3 or group_sizes_E.ndim != 1:
-    raise ValueError(f"gmm expects lhs [M,K], rhs [E,K,N], group_sizes [E]; got {lhs_MK.shape}, "
-                     f"{rhs_EKN.shape}, {group_sizes_E.shape}")
-  if lhs_MK.shape[1] != rhs_EKN.shape[1] or rhs_EKN.shape[0] != group_sizes_E.shape[0]:
-    raise ValueError(f"gmm shape mismatch: lhs {lhs_MK.shape}, rhs {rhs_EKN.shape}, group_sizes {group_sizes_E.shape}")
+def _check(lhs_MI, rhs_EIO, group_sizes_E):
+  if lhs_MI.ndim != 2 or rhs_EIO.ndim != 3 or group_sizes_E.ndim != 1:
+    raise ValueError(f"gmm expects lhs [M,I], rhs [E,I,O], group_sizes [E]; got {lhs_MI.shape}, "
+                     f"{rhs_EIO.shape}, {group_sizes_E.shape}")
+  if lhs_MI.shape[1] != rhs_EIO.shape[1] or rhs_EIO.shape[0] != group_sizes_E.shape[0]:
+    raise ValueError(f"gmm shape mismatch: lhs {lhs_MI.shape}, rhs {rhs_EIO.shape}, group_sizes {group_sizes_E.shape}")
 
 
-def gmm(lhs_MK, rhs_EKN, group_sizes_E, *, backend: str = "auto", preferred_element_type=None,
+def gmm(lhs_MI, rhs_EIO, group_sizes_E, *, backend: str = "auto", preferred_element_type=None,
         interpret: bool | None = None):
-  """Grouped matmul. lhs_MK: [M, K] rows sorted by group; rhs_EKN: [E, K, N]; group_sizes_E: int [E] (zeros
-  allowed, sum <= M). Returns [M, N] in `preferred_element_type` (default: lhs dtype); rows beyond
+  """Grouped matmul. lhs_MI: [M, I] rows sorted by group; rhs_EIO: [E, I, O]; group_sizes_E: int [E] (zeros
+  allowed, sum <= M). Returns [M, O] in `preferred_element_type` (default: lhs dtype); rows beyond
   sum(group_sizes_E) are zero."""
-  _check(lhs_MK, rhs_EKN, group_sizes_E)
-  out_dtype = jnp.dtype(preferred_element_type or lhs_MK.dtype)
+  _check(lhs_MI, rhs_EIO, group_sizes_E)
+  out_dtype = jnp.dtype(preferred_element_type or lhs_MI.dtype)
   interpret = _INTERPRET.get() if interpret is None else interpret
   group_sizes_E = group_sizes_E.astype(jnp.int32)
   backend = resolve_backend(backend, interpret=interpret)
   if backend == "reference":
-    return _reference(lhs_MK, rhs_EKN, group_sizes_E, out_dtype)
+    return _reference(lhs_MI, rhs_EIO, group_sizes_E, out_dtype)
   if backend == "ragged_dot":
-    return jax.lax.ragged_dot(lhs_MK, rhs_EKN, group_sizes_E, preferred_element_type=out_dtype)
-  return _gmm_vjp(*match_varying(lhs_MK, rhs_EKN, group_sizes_E), backend, out_dtype, interpret)
+    return jax.lax.ragged_dot(lhs_MI, rhs_EIO, group_sizes_E, preferred_element_type=out_dtype)
+  return _gmm_vjp(*match_varying(lhs_MI, rhs_EIO, group_sizes_E), backend, out_dtype, interpret)
 
 
-def tgmm(lhs_MK, dout_MN, group_sizes_E, *, backend: str = "auto", preferred_element_type=None,
+def tgmm(lhs_MI, dout_MO, group_sizes_E, *, backend: str = "auto", preferred_element_type=None,
          interpret: bool | None = None):
-  """Transposed grouped matmul: out[e] = lhs[rows of e]^T @ dout[rows of e], [E, K, N]; zero for empty groups.
+  """Transposed grouped matmul: out[e] = lhs[rows of e]^T @ dout[rows of e], [E, I, O]; zero for empty groups.
 
   "ragged_dot" and "reference" share one reference formulation (a [E, M] membership mask: E times the FLOPs);
   gmm's gradient for those backends comes from JAX's autodiff, not from this function."""
-  if lhs_MK.ndim != 2 or dout_MN.ndim != 2 or lhs_MK.shape[0] != dout_MN.shape[0] or group_sizes_E.ndim != 1:
-    raise ValueError(f"tgmm expects lhs [M,K], dout [M,N], group_sizes [E]; got {lhs_MK.shape}, "
-                     f"{dout_MN.shape}, {group_sizes_E.shape}")
-  out_dtype = jnp.dtype(preferred_element_type or lhs_MK.dtype)
+  if lhs_MI.ndim != 2 or dout_MO.ndim != 2 or lhs_MI.shape[0] != dout_MO.shape[0] or group_sizes_E.ndim != 1:
+    raise ValueError(f"tgmm expects lhs [M,I], dout [M,O], group_sizes [E]; got {lhs_MI.shape}, "
+                     f"{dout_MO.shape}, {group_sizes_E.shape}")
+  out_dtype = jnp.dtype(preferred_element_type or lhs_MI.dtype)
   interpret = _INTERPRET.get() if interpret is None else interpret
   group_sizes_E = group_sizes_E.astype(jnp.int32)
   backend = resolve_backend(backend, interpret=interpret)
   if backend in ("reference", "ragged_dot"):
     ends_E = jnp.cumsum(group_sizes_E)
-    rows_M = jnp.arange(lhs_MK.shape[0])
+    rows_M = jnp.arange(lhs_MI.shape[0])
     member_EM = (rows_M[None] >= (ends_E - group_sizes_E)[:, None]) & (rows_M[None] < ends_E[:, None])
-    return jnp.einsum("em,mk,mn->ekn", member_EM.astype(lhs_MK.dtype), lhs_MK, dout_MN,
+    return jnp.einsum("em,mk,mn->ekn", member_EM.astype(lhs_MI.dtype), lhs_MI, dout_MO,
                       preferred_element_type=out_dtype)
-  return _impl(backend, interpret)[1](lhs_MK, dout_MN, group_sizes_E, out_dtype)
+  return _impl(backend, interpret)[1](lhs_MI, dout_MO, group_sizes_E, out_dtype)

@@ -1,4 +1,4 @@
-"""Pallas Mosaic GPU grouped matmul for Hopper (sm_90): wgmma, TMA loads pipelined over K, persistent over SMs.
+"""Pallas Mosaic GPU grouped matmul for Hopper (sm_90): wgmma, TMA loads pipelined over I, persistent over SMs.
 
 It runs on the tiles layout (`layout.py`): every group padded to whole tiles of `tm` rows, so each output tile
 belongs to exactly one expert, a tile is stored whole with one TMA copy, and no two CTAs write the same rows.
@@ -10,7 +10,7 @@ Tiles past the last live one (the static bound's slack) are skipped without load
 with bf16 (or f16) inputs and a float32 wgmma accumulator. Padding rows inside a partial tile are zero rows
 and produce zeros; dead tiles' output is never read back.
 
-The weight gradient (tgmm) is a second kernel: work items are (expert, K block, N block); each walks its
+The weight gradient (tgmm) is a second kernel: work items are (expert, I block, O block); each walks its
 expert's tiles (contiguous in the layout), TMA-loads the lhs and dout tiles and accumulates lhs^T @ dout with
 wgmma (transposed A from shared memory); experts with no rows write zeros:
 
@@ -97,25 +97,25 @@ def _pick(dim: int, preferred: int) -> int:
   for t in (preferred, 128, 64, 32, 16):
     if t <= preferred and dim % t == 0:
       return t
-  raise ValueError(f"pallas_mosaic_gpu needs K and N divisible by 16; got a dimension of {dim}")
+  raise ValueError(f"pallas_mosaic_gpu needs I and O divisible by 16; got a dimension of {dim}")
 
 
 @partial(jax.jit, static_argnames=("out_dtype", "interpret", "tn", "tk", "max_concurrent_steps", "num_sms"))
-def tile_gmm(lhs_XRK, rhs_EKN, group_X, live_tiles, out_dtype, interpret: bool = False, tn: int = 128,
+def tile_gmm(lhs_XZI, rhs_EIO, group_X, live_tiles, out_dtype, interpret: bool = False, tn: int = 128,
              tk: int = 64, max_concurrent_steps: int = 4, num_sms: int = NUM_SMS):
-  """out[x] = lhs[x] @ rhs[group[x]] for tiles x < live_tiles; [X, R, N] (dead tiles undefined)."""
-  X, tm, K = lhs_XRK.shape
-  N = rhs_EKN.shape[2]
-  tn, tk = _pick(N, tn), _pick(K, tk)
+  """out[x] = lhs[x] @ rhs[group[x]] for tiles x < live_tiles; [X, Z, O] (dead tiles undefined)."""
+  X, tm, I = lhs_XZI.shape
+  O = rhs_EIO.shape[2]
+  tn, tk = _pick(O, tn), _pick(I, tk)
   if tm % 64:
     raise ValueError(f"pallas_mosaic_gpu needs tiles of a multiple of 64 rows (one warpgroup's wgmma); got {tm}")
   kernel = _persistent_kernel(
-      partial(_tile_gmm_kernel, tm=tm, tn=tn, tk=tk, n_tiles=X, n_blocks=N // tn, k_steps=K // tk,
+      partial(_tile_gmm_kernel, tm=tm, tn=tn, tk=tk, n_tiles=X, n_blocks=O // tn, k_steps=I // tk,
               max_concurrent_steps=max_concurrent_steps),
-      jax.ShapeDtypeStruct((X * tm, N), out_dtype), X * (N // tn), num_sms, interpret)
+      jax.ShapeDtypeStruct((X * tm, O), out_dtype), X * (O // tn), num_sms, interpret)
   out = kernel(group_X.astype(jnp.int32), jnp.reshape(live_tiles, (1,)).astype(jnp.int32),
-               lhs_XRK.reshape(X * tm, K), rhs_EKN)
-  return out.reshape(X, tm, N)
+               lhs_XZI.reshape(X * tm, I), rhs_EIO)
+  return out.reshape(X, tm, O)
 
 
 def _tile_tgmm_kernel(start_gmem, end_gmem, lhs_gmem, dout_gmem, out_gmem, *, tm: int, tk: int, tn: int,
@@ -161,47 +161,47 @@ def _tile_tgmm_kernel(start_gmem, end_gmem, lhs_gmem, dout_gmem, out_gmem, *, tm
 
 
 @partial(jax.jit, static_argnames=("num_groups", "out_dtype", "interpret", "tk", "tn", "num_sms"))
-def tile_tgmm(lhs_XRK, dout_XRN, group_X, live_tiles, num_groups: int, out_dtype, interpret: bool = False,
+def tile_tgmm(lhs_XZI, dout_XZO, group_X, live_tiles, num_groups: int, out_dtype, interpret: bool = False,
               tk: int = 64, tn: int = 128, num_sms: int = NUM_SMS):
-  """drhs[e] = sum over live tiles x of group e of lhs[x]^T @ dout[x]: [E, K, N] (zeros for empty experts)."""
-  X, tm, K = lhs_XRK.shape
-  N = dout_XRN.shape[2]
-  tk, tn = _pick(K, tk), _pick(N, tn)
+  """drhs[e] = sum over live tiles x of group e of lhs[x]^T @ dout[x]: [E, I, O] (zeros for empty experts)."""
+  X, tm, I = lhs_XZI.shape
+  O = dout_XZO.shape[2]
+  tk, tn = _pick(I, tk), _pick(O, tn)
   if tk % 64:
-    raise ValueError(f"pallas_mosaic_gpu tgmm needs K divisible by 64 (the wgmma height); got K={K}")
+    raise ValueError(f"pallas_mosaic_gpu tgmm needs I divisible by 64 (the wgmma height); got I={I}")
   start_E, end_E = layout_lib.group_tile_ranges(group_X, live_tiles, num_groups)
   kernel = _persistent_kernel(
-      partial(_tile_tgmm_kernel, tm=tm, tk=tk, tn=tn, n_groups=num_groups, k_blocks=K // tk, n_blocks=N // tn,
+      partial(_tile_tgmm_kernel, tm=tm, tk=tk, tn=tn, n_groups=num_groups, k_blocks=I // tk, n_blocks=O // tn,
               interpret=interpret),
-      jax.ShapeDtypeStruct((num_groups, K, N), out_dtype), num_groups * (K // tk) * (N // tn), num_sms, interpret)
-  return kernel(start_E, end_E, lhs_XRK.reshape(X * tm, K), dout_XRN.reshape(X * tm, N))
+      jax.ShapeDtypeStruct((num_groups, I, O), out_dtype), num_groups * (I // tk) * (O // tn), num_sms, interpret)
+  return kernel(start_E, end_E, lhs_XZI.reshape(X * tm, I), dout_XZO.reshape(X * tm, O))
 
 
 _TILE_ROWS = 64  # one warpgroup's wgmma height; also bounds per-expert padding waste
 
 
-def gmm(lhs_MK, rhs_EKN, group_sizes_E, out_dtype, interpret: bool = False):
-  M, K = lhs_MK.shape
-  N = rhs_EKN.shape[2]
-  pad_k, pad_n = -K % 16, -N % 16  # TMA/wgmma tiles are multiples of 16 wide; zero columns change nothing
-  lhs_MK = jnp.pad(lhs_MK, ((0, 0), (0, pad_k)))
-  rhs_EKN = jnp.pad(rhs_EKN.astype(lhs_MK.dtype), ((0, 0), (0, pad_k), (0, pad_n)))
+def gmm(lhs_MI, rhs_EIO, group_sizes_E, out_dtype, interpret: bool = False):
+  M, I = lhs_MI.shape
+  O = rhs_EIO.shape[2]
+  pad_k, pad_n = -I % 16, -O % 16  # TMA/wgmma tiles are multiples of 16 wide; zero columns change nothing
+  lhs_MI = jnp.pad(lhs_MI, ((0, 0), (0, pad_k)))
+  rhs_EIO = jnp.pad(rhs_EIO.astype(lhs_MI.dtype), ((0, 0), (0, pad_k), (0, pad_n)))
   row_of_slot_P, group_X = layout_lib.tiles_from_rows(group_sizes_E, M, _TILE_ROWS)
-  lhs_XRK = xla_tiled.rows_to_tiles(lhs_MK, row_of_slot_P, _TILE_ROWS)
+  lhs_XZI = xla_tiled.rows_to_tiles(lhs_MI, row_of_slot_P, _TILE_ROWS)
   live = layout_lib.live_tiles(group_sizes_E, _TILE_ROWS)
-  out_XRN = tile_gmm(lhs_XRK, rhs_EKN, group_X, live, jnp.dtype(out_dtype), interpret=interpret, num_sms=_num_sms())
-  return xla_tiled.tiles_to_rows(out_XRN, row_of_slot_P, M)[:, :N]
+  out_XZO = tile_gmm(lhs_XZI, rhs_EIO, group_X, live, jnp.dtype(out_dtype), interpret=interpret, num_sms=_num_sms())
+  return xla_tiled.tiles_to_rows(out_XZO, row_of_slot_P, M)[:, :O]
 
 
-def tgmm(lhs_MK, dout_MN, group_sizes_E, out_dtype, interpret: bool = False):
-  K, N = lhs_MK.shape[1], dout_MN.shape[1]
-  pad_k, pad_n = -K % 64, -N % 16  # zero columns add zero rows / columns to the result, cut off below
-  lhs_MK = jnp.pad(lhs_MK, ((0, 0), (0, pad_k)))
-  dout_MN = jnp.pad(dout_MN.astype(lhs_MK.dtype), ((0, 0), (0, pad_n)))
-  row_of_slot_P, group_X = layout_lib.tiles_from_rows(group_sizes_E, lhs_MK.shape[0], _TILE_ROWS)
-  lhs_XRK = xla_tiled.rows_to_tiles(lhs_MK, row_of_slot_P, _TILE_ROWS)
-  dout_XRN = xla_tiled.rows_to_tiles(dout_MN, row_of_slot_P, _TILE_ROWS)
+def tgmm(lhs_MI, dout_MO, group_sizes_E, out_dtype, interpret: bool = False):
+  I, O = lhs_MI.shape[1], dout_MO.shape[1]
+  pad_k, pad_n = -I % 64, -O % 16  # zero columns add zero rows / columns to the result, cut off below
+  lhs_MI = jnp.pad(lhs_MI, ((0, 0), (0, pad_k)))
+  dout_MO = jnp.pad(dout_MO.astype(lhs_MI.dtype), ((0, 0), (0, pad_n)))
+  row_of_slot_P, group_X = layout_lib.tiles_from_rows(group_sizes_E, lhs_MI.shape[0], _TILE_ROWS)
+  lhs_XZI = xla_tiled.rows_to_tiles(lhs_MI, row_of_slot_P, _TILE_ROWS)
+  dout_XZO = xla_tiled.rows_to_tiles(dout_MO, row_of_slot_P, _TILE_ROWS)
   live = layout_lib.live_tiles(group_sizes_E, _TILE_ROWS)
-  out = tile_tgmm(lhs_XRK, dout_XRN, group_X, live, group_sizes_E.shape[0], jnp.dtype(out_dtype),
+  out = tile_tgmm(lhs_XZI, dout_XZO, group_X, live, group_sizes_E.shape[0], jnp.dtype(out_dtype),
                   interpret=interpret, num_sms=_num_sms())
-  return out[:, :K, :N]
+  return out[:, :I, :O]

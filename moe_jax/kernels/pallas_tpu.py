@@ -5,8 +5,8 @@ every (group, row tile) pair that overlaps, ordered by group. Their group id and
 into SMEM and drive the BlockSpec index maps, so each grid step DMAs exactly the lhs tile and the expert's weight
 tile it needs:
 
-    gmm : grid (N/tn, W, K/tk); out[tile m, :] (rows of group g) = sum_k lhs[m, k] @ rhs[g, k, :]
-    tgmm: grid (K/tk, N/tn, W); drhs[g] = sum over g's work items of lhs[m]^T @ dout[m] (rows of g only)
+    gmm : grid (O/tn, W, I/tk); out[tile m, :] (rows of group g) = sum_k lhs[m, k] @ rhs[g, k, :]
+    tgmm: grid (I/tk, O/tn, W); drhs[g] = sum over g's work items of lhs[m]^T @ dout[m] (rows of g only)
 
 W = ceil(M/tm) + E - 1 bounds the work items statically (the TPU interpreter needs a static grid); items past
 the live count repeat the last one and do nothing. Consecutive work items on one row tile keep the output block
@@ -94,18 +94,18 @@ def _tgmm_kernel(offsets_ref, group_ref, m_tile_ref, live_ref, lhs_ref, dout_ref
     out_ref[0] = acc_ref[...].astype(out_ref.dtype)
 
 
-def _tiles(M: int, K: int, N: int, tiling):
+def _tiles(M: int, I: int, O: int, tiling):
   tm, tk, tn = tiling
-  return min(tm, max(8, M)), min(tk, K), min(tn, N)
+  return min(tm, max(8, M)), min(tk, I), min(tn, O)
 
 
 @partial(jax.jit, static_argnames=("out_dtype", "tiling", "interpret"))
-def gmm(lhs_MK, rhs_EKN, group_sizes_E, out_dtype, tiling=(128, 128, 128), interpret: bool = False):
-  M, K = lhs_MK.shape
-  E, _, N = rhs_EKN.shape
-  tm, tk, tn = _tiles(M, K, N, tiling)
-  lhs = _pad_to(_pad_to(lhs_MK, 0, tm), 1, tk)
-  rhs = _pad_to(_pad_to(rhs_EKN, 1, tk), 2, tn)
+def gmm(lhs_MI, rhs_EIO, group_sizes_E, out_dtype, tiling=(128, 128, 128), interpret: bool = False):
+  M, I = lhs_MI.shape
+  E, _, O = rhs_EIO.shape
+  tm, tk, tn = _tiles(M, I, O, tiling)
+  lhs = _pad_to(_pad_to(lhs_MI, 0, tm), 1, tk)
+  rhs = _pad_to(_pad_to(rhs_EIO, 1, tk), 2, tn)
   group_W, m_tile_W, live = work_items(group_sizes_E, M, tm)
   offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes_E)]).astype(jnp.int32)
   grid = (rhs.shape[2] // tn, group_W.shape[0], lhs.shape[1] // tk)
@@ -122,17 +122,17 @@ def gmm(lhs_MK, rhs_EKN, group_sizes_E, out_dtype, tiling=(128, 128, 128), inter
       interpret=pltpu.InterpretParams() if interpret else False,
   )(offsets, group_W, m_tile_W, live[None], lhs, rhs)
   rows = jnp.arange(M)[:, None]
-  return jnp.where(rows < offsets[-1], out[:M, :N], 0).astype(out_dtype)  # never-visited tiles hold garbage
+  return jnp.where(rows < offsets[-1], out[:M, :O], 0).astype(out_dtype)  # never-visited tiles hold garbage
 
 
 @partial(jax.jit, static_argnames=("out_dtype", "tiling", "interpret"))
-def tgmm(lhs_MK, dout_MN, group_sizes_E, out_dtype, tiling=(128, 128, 128), interpret: bool = False):
-  M, K = lhs_MK.shape
-  N = dout_MN.shape[1]
+def tgmm(lhs_MI, dout_MO, group_sizes_E, out_dtype, tiling=(128, 128, 128), interpret: bool = False):
+  M, I = lhs_MI.shape
+  O = dout_MO.shape[1]
   E = group_sizes_E.shape[0]
-  tm, tk, tn = _tiles(M, K, N, tiling)
-  lhs = _pad_to(_pad_to(lhs_MK, 0, tm), 1, tk)
-  dout = _pad_to(_pad_to(dout_MN, 0, tm), 1, tn)
+  tm, tk, tn = _tiles(M, I, O, tiling)
+  lhs = _pad_to(_pad_to(lhs_MI, 0, tm), 1, tk)
+  dout = _pad_to(_pad_to(dout_MO, 0, tm), 1, tn)
   group_W, m_tile_W, live = work_items(group_sizes_E, M, tm)
   offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(group_sizes_E)]).astype(jnp.int32)
   grid = (lhs.shape[1] // tk, dout.shape[1] // tn, group_W.shape[0])
@@ -148,4 +148,4 @@ def tgmm(lhs_MK, dout_MN, group_sizes_E, out_dtype, tiling=(128, 128, 128), inte
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=pltpu.InterpretParams() if interpret else False,
   )(offsets, group_W, m_tile_W, live[None], lhs, dout)
-  return jnp.where((group_sizes_E > 0)[:, None, None], out[:, :K, :N], 0).astype(out_dtype)
+  return jnp.where((group_sizes_E > 0)[:, None, None], out[:, :I, :O], 0).astype(out_dtype)

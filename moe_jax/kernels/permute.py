@@ -1,7 +1,7 @@
 """Fused permute / unpermute around the grouped matmul, with gradients that are gathers too.
 
     permute  : xs[p]  = x[token(copy_of_slot[p])]            (0 for a padding slot)
-    unpermute: y[t]   = sum_k  w[t, k] * ys[slot_of_copy[t*K + k]]
+    unpermute: y[t]   = sum_k  w[t, k] * ys[slot_of_copy[t*K + k]]   (0 for a copy the layout dropped)
 Written with autodiff, each gather's transpose is a scatter-add (serialised on CPU, nondeterministic on GPU).
 Here every backward is a gather as well, using the inverse map the layout already holds:
     d x[t]     = sum_k dxs[slot_of_copy[t*K + k]]
@@ -38,7 +38,7 @@ def _permute_fwd(x_TD, copy_of_slot_P, slot_of_copy_M, top_k):
 
 def _permute_bwd(top_k, res, dxs_PD):
   copy_of_slot_P, slot_of_copy_M = res
-  dx_TKD = jnp.take(dxs_PD, slot_of_copy_M, axis=0).reshape(-1, top_k, dxs_PD.shape[1])
+  dx_TKD = gather_or_zero(dxs_PD, slot_of_copy_M).reshape(-1, top_k, dxs_PD.shape[1])
   return jnp.sum(dx_TKD.astype(jnp.float32), axis=1).astype(dxs_PD.dtype), None, None
 
 
@@ -53,7 +53,7 @@ def unpermute(ys_PD, weight_TK, copy_of_slot_P, slot_of_copy_M):
 @jax.custom_vjp
 def _unpermute(ys_PD, weight_TK, copy_of_slot_P, slot_of_copy_M):
   T, K = weight_TK.shape
-  y_TKD = jnp.take(ys_PD, slot_of_copy_M, axis=0).reshape(T, K, -1)
+  y_TKD = gather_or_zero(ys_PD, slot_of_copy_M).reshape(T, K, -1)
   return jnp.einsum("tkd,tk->td", y_TKD.astype(jnp.float32), weight_TK.astype(jnp.float32))
 
 
@@ -70,7 +70,7 @@ def _unpermute_bwd(res, dy_TD):
   copy_P = jnp.minimum(copy_of_slot_P, M - 1)
   w_P = jnp.where(live_P, weight_TK.reshape(-1)[copy_P].astype(jnp.float32), 0.0)
   dys_PD = (w_P[:, None] * jnp.take(dy_TD, copy_P // K, axis=0)).astype(ys_PD.dtype)
-  y_TKD = jnp.take(ys_PD, slot_of_copy_M, axis=0).reshape(T, K, -1).astype(jnp.float32)
+  y_TKD = gather_or_zero(ys_PD, slot_of_copy_M).reshape(T, K, -1).astype(jnp.float32)
   dw_TK = jnp.einsum("tkd,td->tk", y_TKD, dy_TD.astype(jnp.float32)).astype(weight_TK.dtype)
   return dys_PD, dw_TK, None, None
 

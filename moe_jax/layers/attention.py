@@ -1,23 +1,35 @@
-"""Multi-head Latent Attention (MLA), training / prefill form.
+"""Multi-head Latent Attention (MLA): training, prefill and decoding over the compressed latent cache.
 
 DeepSeek-V2 report, sec. 2.1 (eqs. 9-19), with h_t the block input:
   c_Q  = RMSNorm(W_DQ h_t)                      (q_lora_rank; V2-Lite has no c_Q: q = W_Q h_t)
   q^C  = W_UQ c_Q       [n_h, d_h]              q^R = RoPE(W_QR c_Q)   [n_h, d_h^R]
-  c_KV = RMSNorm(W_DKV h_t)                     (kv_lora_rank: the only per-head-free thing cached at decode)
+  c_KV = RMSNorm(W_DKV h_t)                     (kv_lora_rank: with k^R, the only thing cached at decode)
   k^C  = W_UK c_KV      [n_h, d_h]              k^R = RoPE(W_KR h_t)   [d_h^R], one key shared by all heads
   v^C  = W_UV c_KV      [n_h, d_v]
   o_t,i = sum_j softmax_j(scale * (q^C_t,i . k^C_j,i + q^R_t,i . k^R_j)) v^C_j,i ;  u_t = W_O [o_t,1; ...; o_t,n_h]
 The two score terms are computed separately so the shared RoPE key is never broadcast over heads.
-Masking: token t attends to j <= t (by index) within the same document (`segment_ids`); RoPE uses the
-per-document `positions`, so packed rows behave like separate sequences.
+
+One module, two forms of the same sum (`MLA.__call__`; the projections are built in one place, `_project`):
+- naive (training, and checking): per-head k^C and v^C are built from c_KV for every key;
+- absorbed (decoding over the cache; V2 report sec. 2.1.3): since q^C_t,i . (W_UK,i c_KV_j) =
+  (W_UK,i^T q^C_t,i) . c_KV_j, fold W_UK into the query and apply W_UV after the latent-weighted sum,
+      q~_t,i = W_UK,i^T q^C_t,i  [kv_lora_rank];   o_t,i = W_UV,i sum_j a_t,i,j c_KV_j,
+  so attention reads the cached latents directly and never materialises per-head K or V for cached tokens.
+
+Keys come in blocks (`_attend`): the T tokens of the call, plus -- when a cache is passed -- the S cached slots.
+The cache is read, never written here: the call returns the new tokens' (c_KV, k^R) and the model writes them
+at each sequence's length (moe_jax.model.cache), so a scanned layer stack moves only T new rows per layer.
+Masking: token t attends to the cached slots its `AttentionInputs.cached_B11S` allows and to tokens t' <= t of
+the call in its own document (`segment_ids`); RoPE uses per-token positions, so packed rows behave like
+separate sequences and cached decoding continues at each sequence's own position.
 
 Parameter names follow the report's matrices (W_DQ -> wq_a, W_UQ/W_QR -> wq_b_nope/wq_b_rope, W_DKV -> w_dkv,
-W_KR -> w_kr, W_UK -> w_uk, W_UV -> w_uv, W_O -> wo), split so decode-time absorption can use them directly.
+W_KR -> w_kr, W_UK -> w_uk, W_UV -> w_uv, W_O -> wo).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,11 +38,25 @@ import jax.numpy as jnp
 from moe_jax.config import softmax_scale
 from moe_jax.layers.base import as_dtype, constrain, normal_init, param
 from moe_jax.layers.norm import RMSNorm
-from moe_jax.layers.rope import apply_rope
+from moe_jax.layers.rope import apply_rope, rope_cos_sin
 
 # DeepSeek's official code and transformers build the q and kv latent norms with the RMSNorm default eps,
 # not config.rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
+
+
+class LatentCache(NamedTuple):
+  """One MLA layer's cache entries: per token only c_KV and the RoPE'd shared key k^R (576 values for V3)."""
+  ckv_BSC: jax.Array  # normalised kv latents c_KV
+  kpe_BSR: jax.Array  # RoPE'd shared keys k^R
+
+
+class AttentionInputs(NamedTuple):
+  """What every MLA layer of one call shares: RoPE at the tokens' positions and the masks."""
+  cos_BTR: jax.Array
+  sin_BTR: jax.Array
+  mask_B1TT: jax.Array  # bool: token t sees token t' of the same call
+  cached_B11S: jax.Array | None = None  # bool: the cache slots every token of the sequence sees (None: no cache)
 
 
 def attention_mask(segment_ids_BT):
@@ -41,20 +67,24 @@ def attention_mask(segment_ids_BT):
   return (causal_TT[None] & same_doc_BTT)[:, None]
 
 
+def attention_inputs(cfg: Any, positions_BT, segment_ids_BT, cache_length_B=None, cache_slots: int = 0):
+  """AttentionInputs for a call; with `cache_length_B`, the first cache_length_b of `cache_slots` are visible."""
+  cos_BTR, sin_BTR = rope_cos_sin(cfg, positions_BT)
+  cached = None
+  if cache_length_B is not None:
+    cached = (jnp.arange(cache_slots)[None, :] < cache_length_B[:, None])[:, None, None, :]
+  return AttentionInputs(cos_BTR, sin_BTR, attention_mask(segment_ids_BT), cached)
+
+
 class MLA(nn.Module):
   config: Any
 
-  @nn.compact
-  def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_B1TT):
+  def _project(self, x_BTD, inputs: AttentionInputs):
+    """The one place q (no-RoPE and RoPE parts), c_KV and k^R are built from the block input."""
     c = self.config
     dtype, pdtype, init = as_dtype(c.dtype), as_dtype(c.param_dtype), normal_init(c)
-    D, H, N, R, V = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-    x_BTD = x_BTD.astype(dtype)
-
-    def mm(eq, a, w):
-      return jnp.einsum(eq, a, w.astype(dtype))
-
-    # Queries.
+    D, H, N, R = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
+    mm = lambda eq, a, w: jnp.einsum(eq, a, w.astype(dtype))  # noqa: E731
     if c.q_lora_rank is not None:
       Q = c.q_lora_rank
       wq_a = param(self, "wq_a", (D, Q), ("embed", "q_lora"), init, pdtype)
@@ -68,29 +98,67 @@ class MLA(nn.Module):
       wq_rope = param(self, "wq_rope", (D, H, R), ("embed", "heads", "qk_rope"), init, pdtype)
       q_nope_BTHN = mm("btd,dhn->bthn", x_BTD, wq_nope)
       q_rope_BTHR = mm("btd,dhr->bthr", x_BTD, wq_rope)
-    q_rope_BTHR = apply_rope(q_rope_BTHR, cos_BTR, sin_BTR, c.rope_interleave)
-
-    # Keys and values from the joint latent, plus the shared RoPE key.
+    q_rope_BTHR = apply_rope(q_rope_BTHR, inputs.cos_BTR, inputs.sin_BTR, c.rope_interleave)
     C = c.kv_lora_rank
     w_dkv = param(self, "w_dkv", (D, C), ("embed", "kv_lora"), init, pdtype)
     w_kr = param(self, "w_kr", (D, R), ("embed", "qk_rope"), init, pdtype)
     ckv_BTC = RMSNorm(LATENT_NORM_EPS, dtype, pdtype, axis_name="kv_lora", name="kv_norm")(mm("btd,dc->btc", x_BTD, w_dkv))
     ckv_BTC = constrain(ckv_BTC, ("batch", "length", "kv_lora"))
-    k_rope_BTR = apply_rope(mm("btd,dr->btr", x_BTD, w_kr), cos_BTR, sin_BTR, c.rope_interleave)
-    w_uk = param(self, "w_uk", (C, H, N), ("kv_lora", "heads", "qk_nope"), init, pdtype)
-    w_uv = param(self, "w_uv", (C, H, V), ("kv_lora", "heads", "v_head"), init, pdtype)
-    k_nope_BSHN = mm("bsc,chn->bshn", ckv_BTC, w_uk)
-    v_BSHV = mm("bsc,chv->bshv", ckv_BTC, w_uv)
+    kpe_BTR = apply_rope(mm("btd,dr->btr", x_BTD, w_kr), inputs.cos_BTR, inputs.sin_BTR, c.rope_interleave)
+    return q_nope_BTHN, q_rope_BTHR, LatentCache(ckv_BTC, kpe_BTR)
 
-    # Scores in float32; the scale carries YaRN's mscale^2.
-    scores_BHTS = (
-        jnp.einsum("bthn,bshn->bhts", q_nope_BTHN, k_nope_BSHN, preferred_element_type=jnp.float32)
-        + jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, k_rope_BTR, preferred_element_type=jnp.float32)
-    ) * softmax_scale(c)
-    scores_BHTS = jnp.where(mask_B1TT, scores_BHTS, jnp.finfo(jnp.float32).min)
-    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(dtype)
-    o_BTHV = jnp.einsum("bhts,bshv->bthv", probs_BHTS, v_BSHV)
-    o_BTHV = constrain(o_BTHV, ("batch", "length", "heads", "v_head"))
+  @nn.compact
+  def __call__(self, x_BTD, inputs: AttentionInputs, cache: LatentCache | None = None):
+    """Returns (out [B, T, D], the T tokens' LatentCache entries when a cache was passed, else None).
 
-    wo = param(self, "wo", (H, V, D), ("heads", "v_head", "embed"), init, pdtype)
-    return mm("bthv,hvd->btd", o_BTHV, wo)
+    cache: [B, S, ...] entries of earlier tokens (read only; `inputs.cached_B11S` says which slots count).
+    """
+    c = self.config
+    dtype, pdtype, init = as_dtype(c.dtype), as_dtype(c.param_dtype), normal_init(c)
+    D, H, N, A, C = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
+    q_nope_BTHN, q_rope_BTHR, new = self._project(x_BTD.astype(dtype), inputs)
+    w_uk_CHN = param(self, "w_uk", (C, H, N), ("kv_lora", "heads", "qk_nope"), init, pdtype).astype(dtype)
+    w_uv_CHA = param(self, "w_uv", (C, H, A), ("kv_lora", "heads", "v_head"), init, pdtype).astype(dtype)
+    blocks = [(new, inputs.mask_B1TT)]
+    if cache is not None:
+      blocks.insert(0, (LatentCache(cache.ckv_BSC.astype(dtype), cache.kpe_BSR.astype(dtype)), inputs.cached_B11S))
+    absorb = cache is not None and c.decode_attention == "absorbed"
+    o_BTHA = _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb, softmax_scale(c), dtype)
+    o_BTHA = constrain(o_BTHA, ("batch", "length", "heads", "v_head"))
+    wo_HAD = param(self, "wo", (H, A, D), ("heads", "v_head", "embed"), init, pdtype)
+    out_BTD = jnp.einsum("btha,had->btd", o_BTHA, wo_HAD.astype(dtype))
+    return out_BTD, (new if cache is not None else None)
+
+
+def _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb: bool, scale: float, dtype):
+  """softmax over the keys of every (LatentCache [B, S_i, ...], mask [B, 1, T | 1, S_i]) block together.
+
+  Scores in float32 (the scale carries YaRN's mscale^2); the blocks' scores are joined for one softmax and the
+  probabilities split again, so a cache block is read in place, never concatenated with the new keys.
+  """
+  f32 = jnp.float32
+  if absorb:
+    q_lat_BTHC = jnp.einsum("bthn,chn->bthc", q_nope_BTHN, w_uk_CHN)
+  scores = []
+  for keys, mask in blocks:
+    rope_BHTS = jnp.einsum("bthr,bsr->bhts", q_rope_BTHR, keys.kpe_BSR, preferred_element_type=f32)
+    if absorb:
+      nope_BHTS = jnp.einsum("bthc,bsc->bhts", q_lat_BTHC, keys.ckv_BSC, preferred_element_type=f32)
+    else:
+      k_nope_BSHN = jnp.einsum("bsc,chn->bshn", keys.ckv_BSC, w_uk_CHN)
+      nope_BHTS = jnp.einsum("bthn,bshn->bhts", q_nope_BTHN, k_nope_BSHN, preferred_element_type=f32)
+    scores.append(jnp.where(mask, (nope_BHTS + rope_BHTS) * scale, jnp.finfo(f32).min))
+  probs_BHTS = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dtype)
+  o_BTHA, start = None, 0
+  for keys, _ in blocks:
+    S = keys.ckv_BSC.shape[1]
+    p_BHTS = probs_BHTS[..., start:start + S]
+    start += S
+    if absorb:
+      part = jnp.einsum("bthc,cha->btha", jnp.einsum("bhts,bsc->bthc", p_BHTS, keys.ckv_BSC), w_uv_CHA,
+                        preferred_element_type=f32)
+    else:
+      v_BSHA = jnp.einsum("bsc,cha->bsha", keys.ckv_BSC, w_uv_CHA)
+      part = jnp.einsum("bhts,bsha->btha", p_BHTS, v_BSHA, preferred_element_type=f32)
+    o_BTHA = part if o_BTHA is None else o_BTHA + part
+  return o_BTHA.astype(dtype)

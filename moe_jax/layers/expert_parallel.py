@@ -3,14 +3,14 @@
 Inside `jax.shard_map` every device holds its own tokens (the batch is split over the mesh's batch axes, which
 include `expert`) and E/n of the routed experts (n = size of the `expert` mesh axis; device j of that axis holds
 experts [j E/n, (j+1) E/n)). Per device:
-  1. sort its T*K token-copies by expert; destination device of a copy = expert // (E/n)
-  2. exchange the per-destination counts (all-to-all of [n] ints): every device learns its incoming load
-  3. pack copies into a fixed [n, C, D] send buffer, C rows per destination; all-to-all it
-  4. run the received rows through the local experts with the grouped matmul (rows sorted by local expert,
+  1. lay its T*K token-copies out by expert in a fixed [n, U, D] send buffer, U rows per destination device
+     (destination = expert // (E/n)): `kernels.layout.capacity_layout`, the same sort -> count -> rank -> slots
+     as the single-device layouts, and the gather-only `permute`; all-to-all the rows and their expert ids
+  2. run the received rows through the local experts with the grouped matmul (a rows layout by local expert,
      padding rows last and outside every group)
-  5. all-to-all the results back, un-permute, and sum each token's K outputs with its gating weights
-With C = T*K (ep_capacity_factor <= 0, the default) no copy can overflow: dropless whatever the routing. With
-ep_capacity_factor = f > 0, C = ceil(f T K / n): memory n/f times smaller, and copies past a destination's C-th
+  3. all-to-all the results back, and `unpermute`: each token's K outputs summed with its gating weights
+With U = T*K (ep_capacity_factor <= 0, the default) no copy can overflow: dropless whatever the routing. With
+ep_capacity_factor = f > 0, U = ceil(f T K / n): memory n/f times smaller, and copies past a destination's U-th
 row are *counted* (returned as the dropped fraction, psum'd over the mesh) and contribute zero -- never silently.
 Expert weights enter shard_map split on `expert` (and their width on `tensor`, whose partial outputs are
 psum'd); the `fsdp` split of their model dim is gathered at the shard_map boundary, as FSDP does for any layer.
@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.layers.dispatch import dropless_dispatch, expert_ffn_grouped, inverse_permutation
+from moe_jax.kernels import capacity_layout, permute, rows_layout, unpermute
+from moe_jax.layers.dispatch import dropless_dispatch, expert_ffn_grouped
 from moe_jax.sharding import axis_names, batch_axes
 
 
@@ -89,32 +90,26 @@ def _local(x_TD, idx_TK, weight_TK, w_gate, w_up, w_down, *, E: int, n: int, fac
       y_TD = jax.lax.psum(y_TD, tensor_axis)  # each tensor shard computed a slice of the expert width
     return y_TD, jnp.zeros((), jnp.float32)
   E_loc = E // n
+  U = _buffer_rows(M, n, factor)
   flat_e_M = idx_TK.reshape(-1)
-  order_M = jnp.argsort(flat_e_M, stable=True)
-  sorted_e_M = flat_e_M[order_M]
-  x_sorted_MD = jnp.take(x_TD, order_M // K, axis=0)
-  C = _buffer_rows(M, n, factor)
-  dest_M = sorted_e_M // E_loc
-  send_counts_n = jnp.bincount(dest_M, length=n).astype(jnp.int32)
-  start_n = jnp.cumsum(send_counts_n) - send_counts_n
-  pos_M = jnp.arange(M) - start_n[dest_M]
-  fits_M = pos_M < C
-  slot_M = jnp.where(fits_M, dest_M * C + pos_M, n * C)  # overflow -> a trash row cut off below
-  send_x = jnp.zeros((n * C + 1, D), x_TD.dtype).at[slot_M].set(x_sorted_MD)[: n * C]
-  send_e = jnp.full((n * C + 1,), E_loc, jnp.int32).at[slot_M].set(sorted_e_M % E_loc)[: n * C]
-  recv_x = jax.lax.all_to_all(send_x.reshape(n, C, D), expert_axis, 0, 0, tiled=True).reshape(n * C, D)
-  recv_e = jax.lax.all_to_all(send_e.reshape(n, C), expert_axis, 0, 0, tiled=True).reshape(n * C)
-  # Rows of each local expert together; padding rows (id E_loc) last and outside every group (output zero).
-  r_order = jnp.argsort(recv_e, stable=True)
-  group_sizes = jnp.bincount(recv_e, length=E_loc + 1)[:E_loc].astype(jnp.int32)
-  y_sorted = expert_ffn_grouped(jnp.take(recv_x, r_order, axis=0), group_sizes, w_gate, w_up, w_down, backend)
-  y_recv = jnp.take(y_sorted, inverse_permutation(r_order), axis=0)
+  # Send side: copies sorted by expert, U slots per destination device (expert // E_loc), overflow dropped.
+  send = capacity_layout(flat_e_M, n, E_loc, U)
+  send_x = permute(x_TD, send.copy_of_slot_P, send.slot_of_copy_M, K)
+  live_P = send.copy_of_slot_P < M
+  send_e = jnp.where(live_P, jnp.take(flat_e_M, jnp.minimum(send.copy_of_slot_P, M - 1)) % E_loc, E_loc)
+  recv_x = jax.lax.all_to_all(send_x.reshape(n, U, D), expert_axis, 0, 0, tiled=True).reshape(n * U, D)
+  recv_e = jax.lax.all_to_all(send_e.reshape(n, U), expert_axis, 0, 0, tiled=True).reshape(n * U)
+  # Receive side: rows of each local expert together; padding rows (id E_loc) last and outside every group.
+  recv = rows_layout(recv_e, E_loc + 1)
+  x_rows = permute(recv_x, recv.copy_of_slot_P, recv.slot_of_copy_M, 1)
+  y_rows = expert_ffn_grouped(x_rows, recv.group_sizes_E[:E_loc], w_gate, w_up, w_down, backend)
+  # Back to the received order (float32, as the grouped matmul returned it, through the psum and the exchange).
+  y_recv = unpermute(y_rows, jnp.ones((n * U, 1), jnp.float32), recv.copy_of_slot_P, recv.slot_of_copy_M)
   if tensor_axis is not None:
     y_recv = jax.lax.psum(y_recv, tensor_axis)  # each tensor shard computed a slice of the expert width
-  back = jax.lax.all_to_all(y_recv.reshape(n, C, D), expert_axis, 0, 0, tiled=True).reshape(n * C, D)
-  y_sorted_MD = jnp.take(jnp.concatenate([back, jnp.zeros((1, D), back.dtype)]), slot_M, axis=0)
-  y_TKD = jnp.take(y_sorted_MD, inverse_permutation(order_M), axis=0).reshape(T, K, D)
-  y_TD = jnp.einsum("tkd,tk->td", y_TKD, weight_TK.astype(jnp.float32)).astype(x_TD.dtype)
+  back = jax.lax.all_to_all(y_recv.reshape(n, U, D), expert_axis, 0, 0, tiled=True).reshape(n * U, D)
+  y_TD = unpermute(back, weight_TK, send.copy_of_slot_P, send.slot_of_copy_M).astype(x_TD.dtype)
+  fits_M = send.slot_of_copy_M < n * U
   totals = jnp.stack([jnp.sum(~fits_M).astype(jnp.float32), jnp.float32(M)])
   if batch_axes:
     totals = jax.lax.psum(totals, batch_axes)

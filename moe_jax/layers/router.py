@@ -27,6 +27,10 @@ import jax.numpy as jnp
 from moe_jax.layers.base import normal_init, param
 
 
+BIAS_COLLECTION = "router"  # the variable collection of the routing biases (not "params")
+BIAS_NAME = "e_score_correction_bias"  # the published checkpoints' name
+
+
 class RouterOutput(NamedTuple):
   topk_idx_BTK: jax.Array  # int32 chosen experts
   topk_weight_BTK: jax.Array  # float32 gating weights g
@@ -39,11 +43,11 @@ def select_experts(scores_BTE, bias_E, cfg: Any):
   E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
   choice_BTE = scores_BTE if bias_E is None else scores_BTE + bias_E
   if cfg.topk_method in ("noaux_tc", "group_limited_greedy") and G > 1:
-    grouped_BTGM = choice_BTE.reshape(choice_BTE.shape[:-1] + (G, E // G))
+    by_group = choice_BTE.reshape(choice_BTE.shape[:-1] + (G, E // G))  # [B, T, G, E/G]
     if cfg.topk_method == "noaux_tc":
-      group_score_BTG = jnp.sum(jax.lax.top_k(grouped_BTGM, 2)[0], axis=-1)
+      group_score_BTG = jnp.sum(jax.lax.top_k(by_group, 2)[0], axis=-1)
     else:
-      group_score_BTG = jnp.max(grouped_BTGM, axis=-1)
+      group_score_BTG = jnp.max(by_group, axis=-1)
     _, kept_BTk = jax.lax.top_k(group_score_BTG, cfg.topk_group)
     keep_BTG = jnp.zeros_like(group_score_BTG, dtype=bool)
     keep_BTG = jnp.put_along_axis(keep_BTG, kept_BTk, True, axis=-1, inplace=False)
@@ -97,9 +101,15 @@ class Router(nn.Module):
       scores_BTE = jax.nn.softmax(logits_BTE, axis=-1)
     bias_E = None
     if c.topk_method == "noaux_tc":
-      # Updated outside the gradient by loss-free balancing (training); stop_gradient keeps it out of autodiff.
-      bias_E = jax.lax.stop_gradient(
-          param(self, "e_score_correction_bias", (E,), ("router_expert",), nn.initializers.zeros, jnp.float32))
+      # Loss-free balancing moves the bias outside the gradient, so it lives in its own collection, never seen
+      # by autodiff or the optimiser; stop_gradient also keeps it out of a gradient taken over it by hand.
+      if not self.is_initializing() and not self.has_variable(BIAS_COLLECTION, BIAS_NAME):
+        raise ValueError(f"{self.path}: the routing bias {BIAS_NAME} lives in the {BIAS_COLLECTION!r} variable "
+                         f"collection; apply the model with {{'params': ..., {BIAS_COLLECTION!r}: ...}} (the whole "
+                         "variables dict init returned)")
+      bias = self.variable(BIAS_COLLECTION, BIAS_NAME, nn.with_logical_partitioning(
+          lambda: jnp.zeros((E,), jnp.float32), ("router_expert",)))
+      bias_E = jax.lax.stop_gradient(bias.value)
     topk_idx_BTK, topk_weight_BTK = select_experts(scores_BTE, bias_E, c)
     load_E, balance_loss = balance_statistics(scores_BTE, topk_idx_BTK, valid_BT, c)
     return RouterOutput(topk_idx_BTK, topk_weight_BTK, load_E, balance_loss)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 
 from moe_jax.layers import MLA, MoE, RMSNorm, SwiGLU
+from moe_jax.layers.attention import AttentionInputs, LatentCache
 from moe_jax.layers.base import as_dtype, constrain
 
 _REMAT_POLICIES = {
@@ -18,24 +19,26 @@ _REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-  """(x [B,T,D], rope cos/sin, mask, valid) -> (x', MoEStats or None). The (carry, out) form suits nn.scan."""
+  """(x [B,T,D], AttentionInputs, valid [B,T], cache) -> (x', (MoEStats or None, the T tokens' cache entries or
+  None)). The (carry, out) form suits nn.scan: x is the carry, the layer's cache a scanned input."""
 
   config: Any
   is_moe: bool
 
   @nn.compact
-  def __call__(self, x_BTD, cos_BTR, sin_BTR, mask_B1TT, valid_BT):
+  def __call__(self, x_BTD, inputs: AttentionInputs, valid_BT, cache: LatentCache | None = None):
     c = self.config
     dtype, pdtype = as_dtype(c.dtype), as_dtype(c.param_dtype)
     x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
     attn_in = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="attn_norm")(x_BTD)
-    h_BTD = x_BTD + MLA(c, name="attn")(attn_in, cos_BTR, sin_BTR, mask_B1TT)
+    a_BTD, entries = MLA(c, name="attn")(attn_in, inputs, cache)
+    h_BTD = x_BTD + a_BTD
     ffn_in = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="ffn_norm")(h_BTD)
     if self.is_moe:
       f_BTD, stats = MoE(c, name="moe")(ffn_in, valid_BT)
     else:
       f_BTD, stats = SwiGLU(c, c.intermediate_size, name="mlp")(ffn_in), None
-    return constrain(h_BTD + f_BTD, ("batch", "length", "embed")), stats
+    return constrain(h_BTD + f_BTD, ("batch", "length", "embed")), (stats, entries)
 
 
 def block_class(config: Any, scanned: bool):

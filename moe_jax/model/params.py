@@ -15,18 +15,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from moe_jax.config import validate_model_config
+from moe_jax.config import padded_vocab_size, validate_model_config
 from moe_jax.model.transformer import Transformer
+
+
+def variable_shapes(cfg: Any, boxed: bool = False) -> dict:
+  """{"params": ..., "router": ...} as ShapeDtypeStructs (boxed: with their logical-axis metadata)."""
+  validate_model_config(cfg)
+  model = Transformer(cfg)
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  variables = dict(jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens))
+  return variables if boxed else nn.meta.unbox(variables)
 
 
 def param_shapes(cfg: Any, boxed: bool = False):
   """The params pytree as ShapeDtypeStructs (boxed: with their logical-axis metadata)."""
-  validate_model_config(cfg)
-  model = Transformer(cfg)
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
-  params = variables["params"]
-  return params if boxed else nn.meta.unbox(params)
+  return variable_shapes(cfg, boxed)["params"]
 
 
 def _component(path: tuple[str, ...]) -> str:
@@ -53,7 +57,8 @@ def _component(path: tuple[str, ...]) -> str:
 def count_params(cfg: Any) -> dict:
   """{'total_params', 'active_params', 'total_params_with_mtp', 'active_params_with_mtp',
   'stored_params_hf', 'components': {name: (total, active)}}."""
-  shapes = flatten_dict(param_shapes(cfg))
+  variables = variable_shapes(cfg)
+  shapes = {**flatten_dict(variables["params"]), **flatten_dict(variables.get("router", {}))}  # biases: "routers"
   frac = cfg.num_experts_per_tok / cfg.n_routed_experts
   components: dict[str, list[int]] = {}
   total = active = mtp_total = mtp_active = 0
@@ -74,8 +79,10 @@ def count_params(cfg: Any) -> dict:
       total += n
       active += a
   emb = cfg.vocab_size * cfg.hidden_size
-  # The published checkpoint stores each MTP layer with its own embedding and head copies.
-  stored = total + mtp_total + cfg.num_nextn_predict_layers * 2 * emb
+  # The published checkpoint stores the true vocabulary only (no padding rows), and each MTP layer with its own
+  # embedding and head copies.
+  padding = (padded_vocab_size(cfg) - cfg.vocab_size) * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+  stored = total + mtp_total - padding + cfg.num_nextn_predict_layers * 2 * emb
   return {
       "total_params": total,
       "active_params": active,

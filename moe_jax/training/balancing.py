@@ -1,9 +1,9 @@
 """Auxiliary-loss-free load balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for
 Mixture-of-Experts"; DeepSeek-V3 report sec. 2.1.2) and the MaxVio balance metric.
 
-The routers' selection biases `e_score_correction_bias` are not trained parameters: the trainer keeps them
-apart from the parameters (`split_router_bias`), so they get no gradient, no optimiser state and no weight
-decay, and after every step applies
+The routers' selection biases `e_score_correction_bias` are not trained parameters: they live in the model's
+"router" variable collection (moe_jax.model.variables), so they get no gradient, no optimiser state and no
+weight decay, and after every step the trainer applies
     b_i <- b_i + gamma * sign(mean_j load_j - load_i)
 per MoE layer, with load_i the token-copies routed to expert i in the *global* batch: the model sums the loads
 over the whole batch, and under SPMD `jit` that sum spans every data shard, so all devices apply the same update.
@@ -19,23 +19,8 @@ import re
 import jax.numpy as jnp
 from flax import traverse_util
 
-BIAS_NAME = "e_score_correction_bias"
 _MAIN = re.compile(r"^moe_layers(?:_(\d+))?/")
 _MTP = re.compile(r"^mtp_(\d+)/")
-
-
-def split_router_bias(params: dict) -> tuple[dict, dict]:
-  """(params without the routing biases, {"path/to/e_score_correction_bias": array})."""
-  flat = traverse_util.flatten_dict(params, sep="/")
-  bias = {k: v for k, v in flat.items() if k.endswith("/" + BIAS_NAME)}
-  rest = {k: v for k, v in flat.items() if not k.endswith("/" + BIAS_NAME)}
-  return traverse_util.unflatten_dict(rest, sep="/"), bias
-
-
-def merge_router_bias(params: dict, bias: dict) -> dict:
-  flat = traverse_util.flatten_dict(params, sep="/")
-  flat.update(bias)
-  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def load_for_bias(path: str, aux: dict):
@@ -48,14 +33,15 @@ def load_for_bias(path: str, aux: dict):
   raise ValueError(f"no expert load is known for the routing bias at {path!r}")
 
 
-def update_router_bias(bias: dict, aux: dict, rate) -> dict:
-  """b <- b + rate * sign(mean(load) - load), per layer (the last axis is the expert axis)."""
+def update_router_bias(router: dict, aux: dict, rate) -> dict:
+  """b <- b + rate * sign(mean(load) - load), per layer (the last axis is the expert axis), over the "router"
+  collection tree."""
   out = {}
-  for path, b in bias.items():
+  for path, b in traverse_util.flatten_dict(router, sep="/").items():
     load = load_for_bias(path, aux).astype(jnp.float32)
     delta = jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
     out[path] = (b + rate * delta).astype(b.dtype)
-  return out
+  return traverse_util.unflatten_dict(out, sep="/")
 
 
 def max_violation(load_LE):

@@ -5,6 +5,10 @@ Grain iterator state per process (grain.checkpoint.CheckpointHandler). Saves are
 writes into a temporary directory and renames it when complete, so a run killed mid-save (even by SIGKILL)
 leaves the previous checkpoint as the latest. On restore, a latest checkpoint that cannot be read is reported
 and the one before it is used.
+
+Checkpoints written before the routing biases became the model's "router" collection hold them as one flat
+dict keyed "moe_layers/moe/router/e_score_correction_bias" (the same paths, joined); they are read in that
+layout and converted (`legacy_router_layout`), and the next save writes the current one.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any, Callable
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from flax import traverse_util
 
 
 class _Snapshot:
@@ -48,14 +54,27 @@ class Checkpointer:
                               data=grain.checkpoint.CheckpointSave(_Snapshot(loader.get_state())))
     return self.manager.save(step, args=args, force=True)
 
+  def _restore(self, step: int, abstract_state: Any, loader: Any):
+    """(state, whether it was converted from the earlier routing-bias layout)."""
+    legacy = bool(abstract_state.router_bias) and has_legacy_router_layout(os.path.join(self.directory, str(step),
+                                                                                        "state"))
+    if legacy:
+      abstract_state = abstract_state.replace(router_bias=legacy_router_layout(abstract_state.router_bias))
+    state = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(loader)))["state"]
+    if legacy:
+      state = state.replace(router_bias=from_legacy_router_layout(state.router_bias))
+    return state, legacy
+
   def restore_latest(self, abstract_state: Any, loader: Any, log: Callable[[str], None] = print):
     """(state, step) from the newest readable checkpoint, or (None, 0) when there is none."""
     for step in reversed(self.steps()):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.checkpoint.CheckpointRestore(loader)))
-        return restored["state"], step
+        state, converted = self._restore(step, abstract_state, loader)
+        if converted:
+          log(f"checkpoint {step}: routing biases read from their earlier layout (a flat dict inside the train "
+              "state) and converted to the 'router' collection; the next checkpoint is written in the new layout")
+        return state, step
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
         log(f"WARNING: checkpoint {os.path.join(self.directory, str(step))} is unreadable "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); trying the previous one")
@@ -67,6 +86,22 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def has_legacy_router_layout(state_dir: str) -> bool:
+  """Whether the train state saved in `state_dir` holds the routing biases as one flat "a/b/c"-keyed dict."""
+  tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
+  tree = getattr(tree, "tree", tree)
+  return any("/" in str(k) for k in (tree.get("router_bias") or {}))
+
+
+def legacy_router_layout(router: dict) -> dict:
+  """The "router" collection tree as checkpoints before it held it: {"path/to/e_score_correction_bias": leaf}."""
+  return traverse_util.flatten_dict(router, sep="/")
+
+
+def from_legacy_router_layout(flat: dict) -> dict:
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:

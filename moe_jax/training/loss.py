@@ -4,15 +4,16 @@
 
   L_main   mean over targets of -log p(t_{i+1} | t_<=i): position i predicts token i+1 when both lie in the same
            document (segment_ids equal and non-zero), so padding and document boundaries are never targets
-  L_MTP    (1/D) sum_k L_MTP^k (eq. 25); depth k (1-based) at position i predicts token i+k+1, a target when
+  L_MTP    (1/J) sum_k L_MTP^k (eq. 25, J = MTP depth); depth k (1-based) at position i predicts token i+k+1, a target when
            token i+k+1 is in position i's document
   L_bal    the alpha-weighted sequence-wise balance loss each MoE layer returns (main layers and MTP blocks)
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+
+from moe_jax.model.nll import token_nll
 
 
 def shifted_targets(tokens_BT, segment_ids_BT, shift: int):
@@ -23,14 +24,6 @@ def shifted_targets(tokens_BT, segment_ids_BT, shift: int):
   target_seg_BT = jnp.pad(segment_ids_BT[:, shift:], pad)[:, :T]
   mask_BT = (segment_ids_BT != 0) & (target_seg_BT == segment_ids_BT)
   return targets_BT, mask_BT
-
-
-def token_nll(logits_BTV, targets_BT):
-  """-log softmax(logits)[target], float32 [B, T]."""
-  logits_BTV = logits_BTV.astype(jnp.float32)
-  lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  picked_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-  return lse_BT - picked_BT
 
 
 def masked_mean_nll(logits_BTV, tokens_BT, segment_ids_BT, shift: int):
@@ -51,8 +44,8 @@ def training_loss(logits_BTV, aux: dict, batch: dict, mtp_weight):
   total = ce + balance
   metrics = {"ce": ce, "balance_loss": balance, "target_tokens": count}
   if "mtp_logits" in aux:
-    D = aux["mtp_logits"].shape[0]
-    mtp = sum(masked_mean_nll(aux["mtp_logits"][k], tokens_BT, seg_BT, k + 2)[0] for k in range(D)) / D
+    J = aux["mtp_logits"].shape[0]
+    mtp = sum(masked_mean_nll(aux["mtp_logits"][k], tokens_BT, seg_BT, k + 2)[0] for k in range(J)) / J
     total = total + mtp_weight * mtp
     metrics["mtp_loss"] = mtp
   else:

@@ -3,8 +3,9 @@
 TrainState
   step         int32 []      optimiser steps taken
   tokens       float32 []    token slots (live rows x seq_len) consumed: the clock of token-based schedules
-  params       the model parameters *without* the routing biases (what the optimiser sees)
-  router_bias  {"path/e_score_correction_bias": float32 [E] or [L, E]}: loss-free balancing state, no gradient
+  params       the model's "params" collection (what the optimiser sees)
+  router_bias  the model's "router" collection: the routing biases e_score_correction_bias, float32 [E] or [L, E]
+               per MoE layer (loss-free balancing state: no gradient, no optimiser state)
   opt_state    optax state of `params`
 
 Every parameter is split by its logical axis names through the rules in `config.mesh.rules`
@@ -23,7 +24,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.sharding import batch_axes, logical_shardings, param_specs
-from moe_jax.training.balancing import split_router_bias
 from moe_jax.training.optimizer import decay_mask, make_optimizer
 
 
@@ -56,14 +56,13 @@ def create_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequ
   dummy = jnp.zeros((1, 8), jnp.int32)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
   specs = param_specs(boxed, rules, dict(mesh.shape))
-  boxed_wo_bias, _ = split_router_bias(boxed)
-  tx = make_optimizer(train_cfg, decay_mask(boxed_wo_bias))
+  tx = make_optimizer(train_cfg, decay_mask(boxed))
 
   def init_fn(rng):
-    params = nn.meta.unbox(model.init(rng, dummy)["params"])
-    params, bias = split_router_bias(params)
+    variables = nn.meta.unbox(model.init(rng, dummy))
+    params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), tokens=jnp.zeros((), jnp.float32), params=params,
-                      router_bias=bias, opt_state=tx.init(params))
+                      router_bias=variables.get("router", {}), opt_state=tx.init(params))
 
   abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
   shardings = logical_shardings(abstract, specs, mesh)

@@ -17,7 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.training import schedules
-from moe_jax.training.balancing import all_expert_loads, max_violation, merge_router_bias, update_router_bias
+from moe_jax.training.balancing import all_expert_loads, max_violation, update_router_bias
 from moe_jax.training.loss import masked_mean_nll, training_loss
 from moe_jax.training.state import TrainState, batch_sharding, mesh_context
 
@@ -31,7 +31,7 @@ def train_step_fn(model: nn.Module, config: Any, tx: optax.GradientTransformatio
     gamma = schedules.bias_update_rate(config, state.step, state.tokens)
 
     def loss_fn(params):
-      variables = {"params": merge_router_bias(params, state.router_bias)}
+      variables = {"params": params, "router": state.router_bias}
       logits, aux = model.apply(variables, batch["tokens"], batch["segment_ids"], batch["positions"])
       loss, metrics = training_loss(logits, aux, batch, lam)
       stats = {k: v for k, v in aux.items() if k != "mtp_logits"}
@@ -89,7 +89,7 @@ def make_eval_step(model: nn.Module, mesh: Mesh, rules, state_shardings):
   """(params, router_bias, batch, token_bytes [V]) -> sums over the batch: nll, targets, bytes, expert loads."""
 
   def step(params, bias, batch, token_bytes_V):
-    logits, aux = model.apply({"params": merge_router_bias(params, bias)}, batch["tokens"],
+    logits, aux = model.apply({"params": params, "router": bias}, batch["tokens"],
                               batch["segment_ids"], batch["positions"], mtp=False)
     _, nll_sum, count, targets_BT, mask_BT = masked_mean_nll(logits, batch["tokens"], batch["segment_ids"], 1)
     nbytes = jnp.sum(jnp.where(mask_BT, token_bytes_V[targets_BT], 0))

@@ -8,6 +8,7 @@ gzip -9 / xz -9e bits per byte of the same held-out documents beside the model's
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
+from moe_jax.config import complete_model_config, padded_vocab_size
 from moe_jax.data import BatchLoader, eval_rows, load_or_train_tokenizer, train_rows, validation_texts
 from moe_jax.model import Transformer
 from moe_jax.model.params import count_params
@@ -41,9 +43,28 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _check_vocab_rows(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir from before vocabulary padding holds vocab_size embedding rows; resuming it under the padded
+  default would not fit its checkpoints. Say how to resume instead of failing on every checkpoint."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return
+  with open(path) as f:
+    saved = json.load(f).get("model", {})
+  if "pad_vocab_to_multiple_of" in saved or "vocab_size" not in saved:
+    return
+  rows = padded_vocab_size(complete_model_config(saved))
+  if rows != padded_vocab_size(config.model):
+    raise ValueError(f"invalid config: {workdir} was written before vocabulary padding (its checkpoints hold "
+                     f"{rows} embedding rows, config.model.pad_vocab_to_multiple_of={config.model.pad_vocab_to_multiple_of}"
+                     f" gives {padded_vocab_size(config.model)}); resume it with "
+                     "--config.model.pad_vocab_to_multiple_of=1")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = _log) -> dict:
   """Trains (or resumes) and evaluates; returns the final eval dict (also written to WORKDIR/eval.json)."""
   validate_config(config)
+  _check_vocab_rows(config, workdir)
   maybe_initialize(config.mesh)
   mesh, rules = make_mesh(config.mesh), rules_of(config.mesh)
   split = math.prod(mesh.shape[a] for a in batch_axes(rules))

@@ -1,11 +1,12 @@
 """Batched generation over the latent cache, plain or with MTP speculative decoding (DeepSeek-V3 report sec. 5.4.3).
 
-    gen = Generator(params, model_config)
+    gen = Generator(variables, model_config)       # {"params": ..., "router": ...} (or a params tree)
     result = gen.generate([[1, 5, 9], [1, 7]], max_new_tokens=32, sampling=Sampling(temperature=0.8, top_p=0.9),
                           stop_tokens=[0], speculative=True)
     result.tokens, result.stats["acceptance_rate"], result.stats["tokens_per_step"]
 
-The whole generation (prefill, then a `lax.while_loop` of decode steps until every sequence has hit a stop token
+The model decodes itself (`Transformer.apply(..., cache=)` and its `mtp_step`, over `moe_jax.model.cache`); this
+module only drives it. The whole generation (prefill, then a `lax.while_loop` of decode steps until every sequence has hit a stop token
 or `max_new_tokens`) is one jitted function, compiled once per shape bucket: batch, prompt length and
 max_new_tokens are each rounded up to a power of two, and the sampling settings, stop tokens and seed are traced.
 
@@ -31,9 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.inference.decode import (ModelCache, forward_cached, inference_config, init_model_cache,
-                                      mtp_forward_cached, with_length)
+import ml_collections
+
 from moe_jax.inference.sampling import Sampling, sample, token_probs
+from moe_jax.model import Transformer
+from moe_jax.model.cache import DecodeCache, init_cache, with_length
+from moe_jax.model.variables import as_variables
 
 _MIN_BUCKET = 8
 _PADDING_SIDES = ("right", "left")
@@ -55,13 +59,24 @@ def _take_at(x_BT, idx_B):
   return jnp.take_along_axis(x_BT, idx_B.reshape((-1,) + (1,) * (x_BT.ndim - 1)), axis=1)[:, 0]
 
 
-def _write_at(buf_BN, new_BK, at_B):
-  return jax.vmap(lambda b, n, a: jax.lax.dynamic_update_slice_in_dim(b, n, a, 0))(buf_BN, new_BK, at_B)
+def _write_at(buf_BY, new_BT, at_B):
+  return jax.vmap(lambda b, n, a: jax.lax.dynamic_update_slice_in_dim(b, n, a, 0))(buf_BY, new_BT, at_B)
+
+
+def inference_config(cfg: Any, absorb: bool = True) -> ml_collections.FrozenConfigDict:
+  """The model config decoding runs under: dropless routing (capacity dropping would make a token's output depend
+  on the rest of the batch, so decoding would not reproduce the full forward), no remat (nothing to
+  differentiate), and the chosen form of attention over the latent cache."""
+  c = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+  c.moe_dispatch = "dropless"
+  c.remat_policy = "none"
+  c.decode_attention = "absorbed" if absorb else "naive"
+  return ml_collections.FrozenConfigDict(c)
 
 
 class _LoopState(NamedTuple):
-  caches: ModelCache
-  out_BN: jax.Array  # generated ids (2 slots of slack for the speculative step)
+  caches: DecodeCache
+  out_BY: jax.Array  # generated ids, Y slots (2 of slack for the speculative step)
   n_out_B: jax.Array  # ids generated so far
   done_B: jax.Array
   stopped_B: jax.Array  # ended by a stop token
@@ -74,59 +89,70 @@ class _LoopState(NamedTuple):
   accepted_B: jax.Array
 
 
-def _generate(cfg, absorb: bool, speculative: bool, n_bucket: int, params, prompts_BP, lengths_B, live_B, max_new,
-              temperature, top_k, top_p, stop_S, rng, trace_counter):
+def _generate(cfg, speculative: bool, n_bucket: int, variables, prompts_BT, lengths_B, live_B, max_new,
+              temperature, top_k, top_p, stops, rng, trace_counter):
   trace_counter[0] += 1  # runs only while tracing
-  B, P = prompts_BP.shape
+  B, P = prompts_BT.shape
+  model = Transformer(cfg)
+
+  def forward(tokens_BT, caches):
+    """(logits [B,T,V], final-normed hidden [B,T,D], caches) of the main model over its caches."""
+    logits_BTV, aux, caches = model.apply(variables, tokens_BT, cache=caches)
+    return logits_BTV, aux["hidden"], caches
+
+  def draft(hidden_BTD, next_BT, caches):
+    logits_BTV, _, caches = model.apply(variables, hidden_BTD, next_BT, caches, method=Transformer.mtp_step)
+    return logits_BTV, caches
+
   probs = functools.partial(token_probs, temperature=temperature, top_k=top_k, top_p=top_p)
-  is_stop = lambda t_B: jnp.any(t_B[:, None] == stop_S[None, :], axis=-1)  # noqa: E731
-  caches = init_model_cache(cfg, B, P + n_bucket + 2)
+  is_stop = lambda t_B: jnp.any(t_B[:, None] == stops[None, :], axis=-1)  # noqa: E731
+  caches = init_cache(cfg, B, P + n_bucket + 2)
 
   # Prefill: the right-padded prompts in one pass; pad slots beyond each length are masked and later overwritten.
-  out, caches = forward_cached(params, cfg, prompts_BP, caches, absorb=absorb)
-  caches = with_length(caches, lengths_B)
+  logits_BTV, hidden_BTD, caches = forward(prompts_BT, caches)
+  caches = with_length(caches, lengths_B, jnp.zeros_like(lengths_B))
   rng, k_first, k_draft = jax.random.split(rng, 3)
-  first_B = sample(k_first, probs(_take_at(out.logits_BTV, lengths_B - 1)))
+  first_B = sample(k_first, probs(_take_at(logits_BTV, lengths_B - 1)))
   n_out_B = jnp.ones((B,), jnp.int32)
   stopped_B = is_stop(first_B)
   V = cfg.vocab_size
   draft_B, q_BV = jnp.zeros((B,), jnp.int32), jnp.zeros((B, V if speculative else 1), jnp.float32)
   if speculative:  # MTP over the prompt: position i reads h_i and t_{i+1} (the sampled token after the last one)
-    next_BP = jnp.pad(prompts_BP[:, 1:], ((0, 0), (0, 1)))
-    next_BP = jnp.where(jnp.arange(P)[None] == (lengths_B - 1)[:, None], first_B[:, None], next_BP)
-    mtp_out, caches = mtp_forward_cached(params, cfg, out.hidden_BTD, next_BP, caches, absorb=absorb)
+    next_BT = jnp.pad(prompts_BT[:, 1:], ((0, 0), (0, 1)))
+    next_BT = jnp.where(jnp.arange(P)[None] == (lengths_B - 1)[:, None], first_B[:, None], next_BT)
+    mtp_logits_BTV, caches = draft(hidden_BTD, next_BT, caches)
     caches = with_length(caches, lengths_B)
-    q_BV = probs(_take_at(mtp_out.logits_BTV, lengths_B - 1))
+    q_BV = probs(_take_at(mtp_logits_BTV, lengths_B - 1))
     draft_B = sample(k_draft, q_BV)
   zeros = jnp.zeros((B,), jnp.int32)
   state = _LoopState(caches, jnp.zeros((B, n_bucket + 2), jnp.int32).at[:, 0].set(first_B), n_out_B,
                      ~live_B | stopped_B | (n_out_B >= max_new), stopped_B, first_B, draft_B, q_BV, rng, zeros, zeros,
                      zeros)
 
-  def emit(s: _LoopState, caches, rng, new_BK, n_new_B, new_length_B) -> _LoopState:
-    """Appends the first n_new tokens of new_BK to live sequences, stopping at a stop token or max_new."""
+  def emit(s: _LoopState, caches, rng, new_BT, n_new_B, new_length_B) -> _LoopState:
+    """Appends the first n_new tokens of new_BT to live sequences, stopping at a stop token or max_new."""
     live_B = ~s.done_B
     n_new_B = jnp.minimum(n_new_B, max_new - s.n_out_B)
-    out_BN = jnp.where(live_B[:, None], _write_at(s.out_BN, new_BK, s.n_out_B), s.out_BN)
-    last_B = jnp.take_along_axis(new_BK, (n_new_B - 1)[:, None], -1)[:, 0]
+    out_BY = jnp.where(live_B[:, None], _write_at(s.out_BY, new_BT, s.n_out_B), s.out_BY)
+    last_B = jnp.take_along_axis(new_BT, (n_new_B - 1)[:, None], -1)[:, 0]
     n_out_B = jnp.where(live_B, s.n_out_B + n_new_B, s.n_out_B)
     stopped_B = s.stopped_B | (live_B & is_stop(last_B))  # a stop token can only be last
     caches = with_length(caches, jnp.where(live_B, new_length_B, s.caches.length_B))
-    return s._replace(caches=caches, out_BN=out_BN, n_out_B=n_out_B, stopped_B=stopped_B,
+    return s._replace(caches=caches, out_BY=out_BY, n_out_B=n_out_B, stopped_B=stopped_B,
                       done_B=s.done_B | stopped_B | (n_out_B >= max_new), last_B=jnp.where(live_B, last_B, s.last_B),
                       rng=rng, steps_B=s.steps_B + live_B)
 
   def plain_step(s: _LoopState) -> _LoopState:
     rng, key = jax.random.split(s.rng)
-    out, caches = forward_cached(params, cfg, s.last_B[:, None], s.caches, absorb=absorb)
-    tok_B = sample(key, probs(out.logits_BTV[:, 0]))
+    logits_BTV, _, caches = forward(s.last_B[:, None], s.caches)
+    tok_B = sample(key, probs(logits_BTV[:, 0]))
     return emit(s, caches, rng, tok_B[:, None], jnp.ones_like(tok_B), s.caches.length_B + 1)
 
   def speculative_step(s: _LoopState) -> _LoopState:
     rng, k_accept, k_resid, k_bonus, k_draft = jax.random.split(s.rng, 5)
     L_B = s.caches.length_B
-    out, caches = forward_cached(params, cfg, jnp.stack([s.last_B, s.draft_B], 1), s.caches, absorb=absorb)
-    p0_BV, p1_BV = probs(out.logits_BTV[:, 0]), probs(out.logits_BTV[:, 1])
+    logits_BTV, hidden_BTD, caches = forward(jnp.stack([s.last_B, s.draft_B], 1), s.caches)
+    p0_BV, p1_BV = probs(logits_BTV[:, 0]), probs(logits_BTV[:, 1])
     p_draft_B = jnp.take_along_axis(p0_BV, s.draft_B[:, None], -1)[:, 0]
     q_draft_B = jnp.take_along_axis(s.q_BV, s.draft_B[:, None], -1)[:, 0]
     accept_B = jax.random.uniform(k_accept, (B,)) * q_draft_B < p_draft_B  # u < p(d) / q(d)
@@ -138,10 +164,9 @@ def _generate(cfg, absorb: bool, speculative: bool, n_bucket: int, params, promp
     n_new_B = jnp.where(accept_B & ~is_stop(tok1_B), 2, 1)
     # MTP at positions L (h_L, tok1) and L+1 (h_{L+1}, tok2); the latter is rolled back with the main cache on
     # rejection. MTP at position j predicts t_{j+2}, and the newest token sits at L+1+accept: draft from L+accept.
-    mtp_out, caches = mtp_forward_cached(params, cfg, out.hidden_BTD, jnp.stack([tok1_B, tok2_B], 1), caches,
-                                         absorb=absorb)
+    mtp_logits_BTV, caches = draft(hidden_BTD, jnp.stack([tok1_B, tok2_B], 1), caches)
     acc_i = accept_B.astype(jnp.int32)
-    q_BV = probs(_take_at(mtp_out.logits_BTV, acc_i))
+    q_BV = probs(_take_at(mtp_logits_BTV, acc_i))
     s = s._replace(draft_B=jnp.where(s.done_B, s.draft_B, sample(k_draft, q_BV)),
                    q_BV=jnp.where(s.done_B[:, None], s.q_BV, q_BV),
                    drafted_B=s.drafted_B + ~s.done_B, accepted_B=s.accepted_B + (accept_B & ~s.done_B))
@@ -149,29 +174,29 @@ def _generate(cfg, absorb: bool, speculative: bool, n_bucket: int, params, promp
 
   step = speculative_step if speculative else plain_step
   state = jax.lax.while_loop(lambda s: ~jnp.all(s.done_B), step, state)
-  return state.out_BN, state.n_out_B, state.stopped_B, state.steps_B, state.drafted_B, state.accepted_B
+  return state.out_BY, state.n_out_B, state.stopped_B, state.steps_B, state.drafted_B, state.accepted_B
 
 
 class Generator:
   """Generation for one model: compiles once per (batch, prompt, max_new_tokens) bucket and mode.
 
-  params: the parameter tree with routing biases (see inference.decode). max_len: the longest sequence (prompt +
-  generated) allowed; defaults to the model's max_position_embeddings. absorb: weight-absorbed attention over the
-  latent cache (False rebuilds per-head K/V: for checking and benchmarks).
+  variables: {"params": ..., "router": ...} as `Transformer.init` returns them (a params tree is taken too; see
+  moe_jax.model.variables.as_variables). max_len: the longest sequence (prompt + generated) allowed; defaults to
+  the model's max_position_embeddings. absorb: weight-absorbed attention over the latent cache (False rebuilds
+  per-head K/V: for checking and benchmarks).
   """
 
-  def __init__(self, params: Any, model_config: Any, *, max_len: int | None = None, absorb: bool = True):
-    self.params = params
-    self.config = inference_config(model_config)
+  def __init__(self, variables: Any, model_config: Any, *, max_len: int | None = None, absorb: bool = True):
+    self.variables = as_variables(variables)
+    self.config = inference_config(model_config, absorb)
     self.max_len = int(max_len or model_config.max_position_embeddings)
-    self.absorb = absorb
     self.traces = [0]  # compilations so far (a test checks one per bucket)
     self._fns: dict = {}
 
   def _fn(self, speculative: bool, n_bucket: int):
     key = (speculative, n_bucket)
     if key not in self._fns:
-      self._fns[key] = jax.jit(functools.partial(_generate, self.config, self.absorb, speculative, n_bucket,
+      self._fns[key] = jax.jit(functools.partial(_generate, self.config, speculative, n_bucket,
                                                  trace_counter=self.traces))
     return self._fns[key]
 
@@ -199,22 +224,22 @@ class Generator:
                        "(num_nextn_predict_layers=0)")
     B, Bb = len(rows), bucket(len(rows), 1)
     Pb, Nb = bucket(max(map(len, rows))), bucket(max_new_tokens)
-    prompts_BP = np.zeros((Bb, Pb), np.int32)
+    prompts_BT = np.zeros((Bb, Pb), np.int32)
     lengths_B = np.ones((Bb,), np.int32)
     for i, r in enumerate(rows):
-      prompts_BP[i, :len(r)] = r
+      prompts_BT[i, :len(r)] = r
       lengths_B[i] = len(r)
     stop_list = sorted(set(int(t) for t in stop_tokens))
     stops = np.full((bucket(len(stop_list)),), -1, np.int32)  # -1 never matches: padding to the bucket
     stops[:len(stop_list)] = stop_list
     t0 = time.perf_counter()
     out = self._fn(bool(speculative), Nb)(
-        self.params, prompts_BP, lengths_B, np.arange(Bb) < B, jnp.int32(max_new_tokens),
+        self.variables, prompts_BT, lengths_B, np.arange(Bb) < B, jnp.int32(max_new_tokens),
         jnp.float32(sampling.temperature), jnp.int32(sampling.top_k), jnp.float32(sampling.top_p),
         jnp.asarray(stops), jax.random.key(seed))
-    out_BN, n_out_B, stopped_B, steps_B, drafted_B, accepted_B = jax.device_get(out)
+    out_BY, n_out_B, stopped_B, steps_B, drafted_B, accepted_B = jax.device_get(out)
     seconds = time.perf_counter() - t0
-    tokens = [out_BN[i, :n_out_B[i]].tolist() for i in range(B)]
+    tokens = [out_BY[i, :n_out_B[i]].tolist() for i in range(B)]
     generated = int(n_out_B[:B].sum())
     steps = int(steps_B[:B].sum())
     drafted, accepted = int(drafted_B[:B].sum()), int(accepted_B[:B].sum())

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_jax.inference.decode import inference_config
+from moe_jax.inference.generator import inference_config
 from moe_jax.model import Transformer
-from moe_jax.training.loss import token_nll
+from moe_jax.model.nll import token_nll
+from moe_jax.model.variables import as_variables
 
 
 def windows(docs: Sequence[Sequence[int]], seq_len: int):
@@ -34,15 +35,17 @@ def windows(docs: Sequence[Sequence[int]], seq_len: int):
       yield inputs, targets, n
 
 
-def evaluate_perplexity(params: Any, model_config: Any, docs: Sequence[Sequence[int]], n_bytes: int, *,
+def evaluate_perplexity(variables: Any, model_config: Any, docs: Sequence[Sequence[int]], n_bytes: int, *,
                         seq_len: int, batch_size: int = 8, log: Callable[[str], None] | None = None) -> dict:
-  """docs: token ids per document, <bos> first. Returns nll (nats per token), perplexity, bits_per_byte, counts."""
+  """docs: token ids per document, <bos> first. Returns nll (nats per token), perplexity, bits_per_byte, counts.
+  variables: {"params": ..., "router": ...} (or a params tree)."""
   model = Transformer(inference_config(model_config))  # dropless: a token's score never depends on the batch
+  variables = as_variables(variables)
 
   @jax.jit
-  def nll_sum(tokens_BS, targets_BS, mask_BS):
-    logits_BSV, _ = model.apply({"params": params}, tokens_BS, mask_BS.astype(jnp.int32), mtp=False)
-    return jnp.sum(jnp.where(mask_BS, token_nll(logits_BSV, targets_BS), 0.0))
+  def nll_sum(tokens_BT, targets_BT, mask_BT):
+    logits_BTV, _ = model.apply(variables, tokens_BT, mask_BT.astype(jnp.int32), mtp=False)
+    return jnp.sum(jnp.where(mask_BT, token_nll(logits_BTV, targets_BT), 0.0))
 
   rows = list(windows(docs, seq_len))
   total_nll, total_targets, t0 = 0.0, 0, time.time()

@@ -1,0 +1,93 @@
+"""The decode cache of a whole model: every main layer's latent cache and the drafting MTP module's.
+
+    cache = init_cache(cfg, batch, max_len)
+    logits_BTV, aux, cache = model.apply(variables, tokens_BT, cache=cache)       # prefill or decode T tokens
+    mtp_logits_BTV, mtp_hidden_BTD, cache = model.apply(variables, aux["hidden"], next_tokens_BT, cache,
+                                                        method="mtp_step")
+
+Per layer and token only c_KV (kv_lora_rank) and the RoPE key k^R (qk_rope_head_dim) are kept -- 576 values for
+V3 against 2 x 128 x 128 for MHA's per-head K and V. With `scan_layers` a layer group's caches are one array
+with a leading layers axis, which the scanned blocks slice (the compiled program does not grow with depth);
+unrolled, a tuple per layer. The cache is an explicit pytree in and out (not a mutable flax collection) because
+generation carries it through a `lax.while_loop` and speculative decoding rolls it back: `with_length` shrinks
+the lengths and slots past them are never read again (the masks stop there) and are overwritten next.
+New tokens of sequence b go to slots length_b .. length_b + T - 1 and take RoPE positions length_b + t, so
+sequences of different lengths decode together. The caller keeps length + T <= max_len.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.config import n_moe_layers
+from moe_jax.layers.attention import LatentCache
+from moe_jax.layers.base import as_dtype
+
+GROUPS = ("dense_layers", "moe_layers")
+
+
+class DecodeCache(NamedTuple):
+  layers: dict  # {group: LatentCache [L_group, B, S, ...] (scan_layers) or a tuple of [B, S, ...] per layer}
+  length_B: jax.Array  # int32: tokens cached per sequence in the main layers
+  mtp: LatentCache | None  # the first MTP module's block (the drafter); None without MTP
+  mtp_length_B: jax.Array  # int32: tokens cached per sequence in the MTP block
+
+  @property
+  def max_len(self) -> int:
+    """Slots per sequence (S)."""
+    return jax.tree.leaves(self.layers)[0].shape[-2]
+
+
+def init_cache(cfg: Any, batch: int, max_len: int, dtype=None) -> DecodeCache:
+  """Empty caches for every main layer and the first MTP module; dtype defaults to the compute dtype."""
+  dtype = as_dtype(cfg.dtype) if dtype is None else dtype
+
+  def make(*lead):
+    return LatentCache(jnp.zeros(lead + (batch, max_len, cfg.kv_lora_rank), dtype),
+                       jnp.zeros(lead + (batch, max_len, cfg.qk_rope_head_dim), dtype))
+
+  sizes = {"dense_layers": cfg.first_k_dense_replace, "moe_layers": n_moe_layers(cfg)}
+  layers = {g: (make(n) if cfg.scan_layers else tuple(make() for _ in range(n))) for g, n in sizes.items() if n}
+  zeros = jnp.zeros((batch,), jnp.int32)
+  return DecodeCache(layers, zeros, make() if cfg.num_nextn_predict_layers else None, zeros)
+
+
+def with_length(cache: DecodeCache, length_B, mtp_length_B=None) -> DecodeCache:
+  """The same cache holding `length_B` tokens per sequence (shrinking it rolls the cache back); the MTP block's
+  length follows unless given."""
+  length_B = jnp.asarray(length_B, jnp.int32)
+  mtp_length_B = length_B if mtp_length_B is None else jnp.asarray(mtp_length_B, jnp.int32)
+  return cache._replace(length_B=length_B, mtp_length_B=mtp_length_B)
+
+
+def write_entries(buf: LatentCache, new: LatentCache, start_B, batch_axis: int = 0) -> LatentCache:
+  """Writes T new entries of each sequence at its own start slot: buf [..., B, S, X], new [..., B, T, X]."""
+  def one(b, n, s):  # under vmap the batch axis is gone and the slot axis sits where it was
+    return jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=batch_axis)
+
+  write = jax.vmap(one, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)
+  return LatentCache(*(write(b, n, start_B) for b, n in zip(buf, new)))
+
+
+def append_layers(cache: DecodeCache, entries: dict, T: int) -> DecodeCache:
+  """`entries` {group: stacked LatentCache or tuple} of T new tokens written at length_B; lengths += T."""
+  layers = {}
+  for group, buf in cache.layers.items():
+    new = entries[group]
+    if isinstance(buf, LatentCache):  # stacked [L, B, S, ...] (a LatentCache is itself a tuple: test it first)
+      layers[group] = write_entries(buf, new, cache.length_B, batch_axis=1)
+    else:
+      layers[group] = tuple(write_entries(b, n, cache.length_B) for b, n in zip(buf, new))
+  return cache._replace(layers=layers, length_B=cache.length_B + T)
+
+
+def append_mtp(cache: DecodeCache, entries: LatentCache, T: int) -> DecodeCache:
+  return cache._replace(mtp=write_entries(cache.mtp, entries, cache.mtp_length_B), mtp_length_B=cache.mtp_length_B + T)
+
+
+def cache_bytes_per_token(cfg: Any, dtype=jnp.bfloat16) -> int:
+  """Per token and layer: (kv_lora_rank + qk_rope_head_dim) x dtype bytes."""
+  return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
