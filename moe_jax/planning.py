@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from moe_jax.config import n_moe_layers
-from moe_jax.layers import attention_mask, rope_cos_sin
+from moe_jax.layers.attention import attention_inputs
 from moe_jax.model.block import block_class
 from moe_jax.model.params import count_params, param_shapes
 from moe_jax.sharding import batch_axes, param_specs, shard_shape
@@ -77,11 +77,10 @@ def block_residual_bytes(model_cfg: Any, seq_len: int, tensor: int, is_moe: bool
   pos = jnp.arange(T, dtype=jnp.int32)[None]
 
   def run(p, x):
-    cos, sin = rope_cos_sin(c, pos)
-    return blk.apply(p, x, cos, sin, attention_mask(seg), seg != 0)[0]
+    return blk.apply(p, x, attention_inputs(c, pos, seg), seg != 0)[0]
 
   params = jax.eval_shape(lambda: blk.init(jax.random.PRNGKey(0), jnp.zeros((1, T, D), c.dtype),
-                                           *rope_cos_sin(c, pos), attention_mask(seg), seg != 0))
+                                           attention_inputs(c, pos, seg), seg != 0))
   res = saved_residuals(run, params, x)
   return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, origin in res if "argument" not in origin)
 

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from flax.core import meta
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from moe_jax.config import complete_model_config
 from moe_jax.data import load_tokenizer
 from moe_jax.interop import huggingface
 from moe_jax.model import Transformer
-from moe_jax.training.checkpoint import from_legacy_router_layout, has_legacy_router_layout, legacy_router_layout
+from moe_jax.training.checkpoint import has_legacy_router_layout
 
 HF_PREFIX = "hf:"
 
@@ -70,15 +71,14 @@ def load_workdir(workdir: str, step: int | None = None) -> LoadedModel:
   abstract = meta.unbox(jax.eval_shape(Transformer(model_config).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   router = abstract.get("router", {})
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
   state_dir = os.path.join(ckpt_dir, str(step), "state")
   legacy = bool(router) and has_legacy_router_layout(state_dir)  # a run from before the "router" collection
-  item = {"params": abstract["params"], "router_bias": legacy_router_layout(router) if legacy else router}
+  item = {"params": abstract["params"], "router_bias": flatten_dict(router, sep="/") if legacy else router}
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=device), item)
   restored = ocp.PyTreeCheckpointer().restore(
       state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
   if legacy:
-    restored["router_bias"] = from_legacy_router_layout(restored["router_bias"])
+    restored["router_bias"] = unflatten_dict(dict(restored["router_bias"]), sep="/")
   variables = {"params": restored["params"]} | ({"router": restored["router_bias"]} if router else {})
   return LoadedModel(model_config, variables, _tokenizer(config, workdir), f"{workdir} @ step {step}")
 

@@ -84,5 +84,5 @@ def test_cache_holds_only_the_latent_and_rope_key():
   assert cache_bytes_per_token(cfg, jnp.bfloat16) == (512 + 64) * 2  # 576 values vs 32,768 for MHA
   small = debug.get_model_config()
   c = init_cache(small, 1, 4, jnp.bfloat16)
-  assert c.layers["moe_layers"][0].ckv_BSC.shape == (1, 4, small.kv_lora_rank)
+  assert c.layers["moe_layers"].ckv_BSC.shape == (2, 1, 4, small.kv_lora_rank)  # [layers, B, S, C]
   assert c.mtp.kpe_BSR.shape == (1, 4, small.qk_rope_head_dim)

@@ -5,9 +5,9 @@
                           stop_tokens=[0], speculative=True)
     result.tokens, result.stats["acceptance_rate"], result.stats["tokens_per_step"]
 
-The model decodes itself (`Transformer.apply(..., cache=)` and its `mtp_step`, over `moe_jax.model.cache`); this
-module only drives it. The whole generation (prefill, then a `lax.while_loop` of decode steps until every sequence has hit a stop token
-or `max_new_tokens`) is one jitted function, compiled once per shape bucket: batch, prompt length and
+The model decodes itself (`Transformer.apply(..., cache=)`, `method="mtp_step"`); this module drives it. The
+whole generation (prefill, then a `lax.while_loop` of decode steps until every sequence has hit a stop token or
+`max_new_tokens`) is one jitted function, compiled once per shape bucket: batch, prompt length and
 max_new_tokens are each rounded up to a power of two, and the sampling settings, stop tokens and seed are traced.
 
 Speculative decoding. MTP module 1 at position i reads h_i and t_{i+1} and predicts t_{i+2}, so after the main
@@ -30,9 +30,8 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
 import ml_collections
+import numpy as np
 
 from moe_jax.inference.sampling import Sampling, sample, token_probs
 from moe_jax.model import Transformer
@@ -64,14 +63,11 @@ def _write_at(buf_BY, new_BT, at_B):
 
 
 def inference_config(cfg: Any, absorb: bool = True) -> ml_collections.FrozenConfigDict:
-  """The model config decoding runs under: dropless routing (capacity dropping would make a token's output depend
-  on the rest of the batch, so decoding would not reproduce the full forward), no remat (nothing to
-  differentiate), and the chosen form of attention over the latent cache."""
-  c = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  c.moe_dispatch = "dropless"
-  c.remat_policy = "none"
-  c.decode_attention = "absorbed" if absorb else "naive"
-  return ml_collections.FrozenConfigDict(c)
+  """The config decoding runs under: dropless (with capacity dropping a token's output would depend on the rest of
+  the batch), no remat (nothing to differentiate), and the chosen form of attention over the latent cache."""
+  c = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  return ml_collections.FrozenConfigDict(c | {"moe_dispatch": "dropless", "remat_policy": "none",
+                                              "decode_attention": "absorbed" if absorb else "naive"})
 
 
 class _LoopState(NamedTuple):
@@ -180,8 +176,7 @@ def _generate(cfg, speculative: bool, n_bucket: int, variables, prompts_BT, leng
 class Generator:
   """Generation for one model: compiles once per (batch, prompt, max_new_tokens) bucket and mode.
 
-  variables: {"params": ..., "router": ...} as `Transformer.init` returns them (a params tree is taken too; see
-  moe_jax.model.variables.as_variables). max_len: the longest sequence (prompt + generated) allowed; defaults to
+  variables: {"params": ..., "router": ...} as `Transformer.init` returns them. max_len: the longest sequence (prompt + generated) allowed; defaults to
   the model's max_position_embeddings. absorb: weight-absorbed attention over the latent cache (False rebuilds
   per-head K/V: for checking and benchmarks).
   """

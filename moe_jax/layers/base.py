@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+# Array names end in their shape (x_BTD); the letters are one legend, in README.md ("Shape suffixes").
 # Logical axis names used by the model. Parameters:
 #   vocab, embed, q_lora, kv_lora, heads, qk_nope, qk_rope, v_head, mlp, expert, expert_mlp, router_expert,
 #   norm, mtp_concat, layers (the stacked axis under nn.scan).

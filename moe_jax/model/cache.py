@@ -2,17 +2,15 @@
 
     cache = init_cache(cfg, batch, max_len)
     logits_BTV, aux, cache = model.apply(variables, tokens_BT, cache=cache)       # prefill or decode T tokens
-    mtp_logits_BTV, mtp_hidden_BTD, cache = model.apply(variables, aux["hidden"], next_tokens_BT, cache,
-                                                        method="mtp_step")
+    mtp_logits_BTV, mtp_hidden_BTD, cache = model.apply(variables, aux["hidden"], next_BT, cache, method="mtp_step")
 
-Per layer and token only c_KV (kv_lora_rank) and the RoPE key k^R (qk_rope_head_dim) are kept -- 576 values for
-V3 against 2 x 128 x 128 for MHA's per-head K and V. With `scan_layers` a layer group's caches are one array
-with a leading layers axis, which the scanned blocks slice (the compiled program does not grow with depth);
-unrolled, a tuple per layer. The cache is an explicit pytree in and out (not a mutable flax collection) because
+Per layer and token only c_KV and k^R are kept (576 values for V3). With `scan_layers` a layer group's caches
+are one array with a leading layers axis, which scanned blocks slice (the program does not grow with depth) and
+unrolled ones index. It is an explicit pytree in and out, not a mutable flax collection, because
 generation carries it through a `lax.while_loop` and speculative decoding rolls it back: `with_length` shrinks
-the lengths and slots past them are never read again (the masks stop there) and are overwritten next.
-New tokens of sequence b go to slots length_b .. length_b + T - 1 and take RoPE positions length_b + t, so
-sequences of different lengths decode together. The caller keeps length + T <= max_len.
+the lengths, and slots past them are never read again and are overwritten next. Sequence b's new tokens go to
+slots length_b .. length_b + T - 1 at RoPE positions length_b + t, so sequences of different lengths decode
+together. The caller keeps length + T <= max_len.
 """
 
 from __future__ import annotations
@@ -26,18 +24,17 @@ from moe_jax.config import n_moe_layers
 from moe_jax.layers.attention import LatentCache
 from moe_jax.layers.base import as_dtype
 
-GROUPS = ("dense_layers", "moe_layers")
+GROUPS = ("dense_layers", "moe_layers")  # the main model's layer groups, in depth order
 
 
 class DecodeCache(NamedTuple):
-  layers: dict  # {group: LatentCache [L_group, B, S, ...] (scan_layers) or a tuple of [B, S, ...] per layer}
+  layers: dict  # {group: LatentCache [L_group, B, S, ...]}
   length_B: jax.Array  # int32: tokens cached per sequence in the main layers
   mtp: LatentCache | None  # the first MTP module's block (the drafter); None without MTP
   mtp_length_B: jax.Array  # int32: tokens cached per sequence in the MTP block
 
   @property
-  def max_len(self) -> int:
-    """Slots per sequence (S)."""
+  def max_len(self) -> int:  # slots per sequence (S)
     return jax.tree.leaves(self.layers)[0].shape[-2]
 
 
@@ -50,7 +47,7 @@ def init_cache(cfg: Any, batch: int, max_len: int, dtype=None) -> DecodeCache:
                        jnp.zeros(lead + (batch, max_len, cfg.qk_rope_head_dim), dtype))
 
   sizes = {"dense_layers": cfg.first_k_dense_replace, "moe_layers": n_moe_layers(cfg)}
-  layers = {g: (make(n) if cfg.scan_layers else tuple(make() for _ in range(n))) for g, n in sizes.items() if n}
+  layers = {g: make(n) for g, n in sizes.items() if n}
   zeros = jnp.zeros((batch,), jnp.int32)
   return DecodeCache(layers, zeros, make() if cfg.num_nextn_predict_layers else None, zeros)
 
@@ -73,19 +70,14 @@ def write_entries(buf: LatentCache, new: LatentCache, start_B, batch_axis: int =
 
 
 def append_layers(cache: DecodeCache, entries: dict, T: int) -> DecodeCache:
-  """`entries` {group: stacked LatentCache or tuple} of T new tokens written at length_B; lengths += T."""
-  layers = {}
-  for group, buf in cache.layers.items():
-    new = entries[group]
-    if isinstance(buf, LatentCache):  # stacked [L, B, S, ...] (a LatentCache is itself a tuple: test it first)
-      layers[group] = write_entries(buf, new, cache.length_B, batch_axis=1)
-    else:
-      layers[group] = tuple(write_entries(b, n, cache.length_B) for b, n in zip(buf, new))
+  """`entries` {group: LatentCache [L, B, T, ...]} of T new tokens written at length_B; lengths += T."""
+  layers = {g: write_entries(buf, entries[g], cache.length_B, batch_axis=1) for g, buf in cache.layers.items()}
   return cache._replace(layers=layers, length_B=cache.length_B + T)
 
 
 def append_mtp(cache: DecodeCache, entries: LatentCache, T: int) -> DecodeCache:
-  return cache._replace(mtp=write_entries(cache.mtp, entries, cache.mtp_length_B), mtp_length_B=cache.mtp_length_B + T)
+  mtp = write_entries(cache.mtp, entries, cache.mtp_length_B)
+  return cache._replace(mtp=mtp, mtp_length_B=cache.mtp_length_B + T)
 
 
 def cache_bytes_per_token(cfg: Any, dtype=jnp.bfloat16) -> int:

@@ -1,14 +1,11 @@
-"""The DeepSeek-V2/V3 decoder-only Transformer with optional multi-token prediction modules: one definition that
-trains, prefills and decodes.
+"""The DeepSeek-V2/V3 decoder-only Transformer with optional MTP modules: one definition trains, prefills, decodes.
 
   logits, aux = Transformer(model_config).apply(variables, tokens_BT, segment_ids_BT, positions_BT)
   logits, aux, cache = Transformer(model_config).apply(variables, tokens_BT, cache=cache)      # over a cache
   mtp_logits, mtp_hidden, cache = Transformer(model_config).apply(variables, aux["hidden"], next_tokens_BT, cache,
                                                                   method="mtp_step")
 
-variables: {"params": ..., "router": ...}; "router" holds the routing biases `e_score_correction_bias` (only
-with topk_method="noaux_tc"): loss-free balancing updates them outside the gradient, so they are a collection
-of their own, not parameters.
+variables: {"params": ..., "router": ...} (moe_jax.model.variables; "router" only with topk_method="noaux_tc").
 
 tokens: int32 [B, T]. segment_ids: int [B, T], tokens attend only within their segment and 0 marks padding
 (excluded from expert loads and the balance loss); default all ones. positions: int [B, T], the RoPE position
@@ -110,10 +107,6 @@ class Transformer(nn.Module):
     # embed makes XLA's SPMD partitioner fall back to replicating the result anyway, with extra copies.
     return constrain(self.embedding, (None, None))
 
-  def _embed(self, table_VD, tokens_BT):
-    return constrain(jnp.take(table_VD, tokens_BT, axis=0).astype(as_dtype(self.config.dtype)),
-                     ("batch", "length", "embed"))
-
   def _head(self, h_BTD):
     """float32 logits over the true vocabulary (the padding rows' columns are cut off)."""
     c = self.config
@@ -131,10 +124,11 @@ class Transformer(nn.Module):
       return x_BTD, ([] if stats is None else [stats]), entries
     stats_list, entries = [], []
     for i, block in enumerate(stack):
-      x_BTD, (stats, new) = block(x_BTD, inputs, valid_BT, None if caches is None else caches[i])
+      x_BTD, (stats, new) = block(x_BTD, inputs, valid_BT, None if caches is None else jax.tree.map(
+          lambda a: a[i], caches))  # noqa: B023
       stats_list += [] if stats is None else [stats]
       entries.append(new)
-    return x_BTD, stats_list, (None if caches is None else tuple(entries))
+    return x_BTD, stats_list, (None if caches is None else jax.tree.map(lambda *xs: jnp.stack(xs), *entries))
 
   def __call__(self, tokens_BT, segment_ids_BT=None, positions_BT=None, *, mtp: bool = True,
                cache: cache_lib.DecodeCache | None = None):
@@ -142,16 +136,12 @@ class Transformer(nn.Module):
     if tokens_BT.ndim != 2 or not jnp.issubdtype(tokens_BT.dtype, jnp.integer):
       raise ValueError(f"tokens must be an integer array [batch, seq]; got {tokens_BT.dtype} {tokens_BT.shape}")
     B, T = tokens_BT.shape
-    if cache is not None:
-      if segment_ids_BT is not None or positions_BT is not None:
-        raise ValueError("with a cache the tokens continue each sequence at its cached length; segment_ids and "
-                         "positions are not taken")
-      positions_BT = cache.length_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-      segment_ids_BT = jnp.ones((B, T), jnp.int32)
-    if segment_ids_BT is None:
-      segment_ids_BT = jnp.ones((B, T), jnp.int32)
-    if positions_BT is None:
-      positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if cache is not None and (segment_ids_BT is not None or positions_BT is not None):
+      raise ValueError("with a cache the tokens continue each sequence at its cached length; segment_ids and "
+                       "positions are not taken")
+    start_B = jnp.zeros((B,), jnp.int32) if cache is None else cache.length_B
+    positions_BT = start_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :] if positions_BT is None else positions_BT
+    segment_ids_BT = jnp.ones((B, T), jnp.int32) if segment_ids_BT is None else segment_ids_BT
     for name, arr in (("segment_ids", segment_ids_BT), ("positions", positions_BT)):
       if arr.shape != (B, T):
         raise ValueError(f"{name} shape {arr.shape} != tokens shape {(B, T)}")
@@ -159,7 +149,7 @@ class Transformer(nn.Module):
                               0 if cache is None else cache.max_len)
     valid_BT = segment_ids_BT != 0
     table_VD = self._lookup_table()
-    x_BTD = self._embed(table_VD, tokens_BT)
+    x_BTD = constrain(jnp.take(table_VD, tokens_BT, axis=0).astype(as_dtype(c.dtype)), ("batch", "length", "embed"))
     moe_stats, entries = [], {}
     for group in cache_lib.GROUPS:
       caches = None if cache is None else cache.layers.get(group)

@@ -8,7 +8,7 @@ and the one before it is used.
 
 Checkpoints written before the routing biases became the model's "router" collection hold them as one flat
 dict keyed "moe_layers/moe/router/e_score_correction_bias" (the same paths, joined); they are read in that
-layout and converted (`legacy_router_layout`), and the next save writes the current one.
+layout and converted, and the next save writes the current one.
 """
 
 from __future__ import annotations
@@ -56,14 +56,14 @@ class Checkpointer:
 
   def _restore(self, step: int, abstract_state: Any, loader: Any):
     """(state, whether it was converted from the earlier routing-bias layout)."""
-    legacy = bool(abstract_state.router_bias) and has_legacy_router_layout(os.path.join(self.directory, str(step),
-                                                                                        "state"))
-    if legacy:
-      abstract_state = abstract_state.replace(router_bias=legacy_router_layout(abstract_state.router_bias))
+    state_dir = os.path.join(self.directory, str(step), "state")
+    legacy = bool(abstract_state.router_bias) and has_legacy_router_layout(state_dir)
+    flat = traverse_util.flatten_dict(abstract_state.router_bias, sep="/")
     state = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(loader)))["state"]
+        state=ocp.args.StandardRestore(abstract_state.replace(router_bias=flat) if legacy else abstract_state),
+        data=grain.checkpoint.CheckpointRestore(loader)))["state"]
     if legacy:
-      state = state.replace(router_bias=from_legacy_router_layout(state.router_bias))
+      state = state.replace(router_bias=traverse_util.unflatten_dict(dict(state.router_bias), sep="/"))
     return state, legacy
 
   def restore_latest(self, abstract_state: Any, loader: Any, log: Callable[[str], None] = print):
@@ -93,15 +93,6 @@ def has_legacy_router_layout(state_dir: str) -> bool:
   tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
   tree = getattr(tree, "tree", tree)
   return any("/" in str(k) for k in (tree.get("router_bias") or {}))
-
-
-def legacy_router_layout(router: dict) -> dict:
-  """The "router" collection tree as checkpoints before it held it: {"path/to/e_score_correction_bias": leaf}."""
-  return traverse_util.flatten_dict(router, sep="/")
-
-
-def from_legacy_router_layout(flat: dict) -> dict:
-  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:

@@ -44,14 +44,11 @@ def _log(msg: str) -> None:
 
 
 def _check_vocab_rows(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A workdir from before vocabulary padding holds vocab_size embedding rows; resuming it under the padded
-  default would not fit its checkpoints. Say how to resume instead of failing on every checkpoint."""
+  """A workdir from before vocabulary padding holds vocab_size embedding rows, which the padded default does not
+  fit: say how to resume it instead of failing on every checkpoint."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    return
-  with open(path) as f:
-    saved = json.load(f).get("model", {})
-  if "pad_vocab_to_multiple_of" in saved or "vocab_size" not in saved:
+  saved = json.load(open(path)).get("model", {}) if os.path.isfile(path) else {}
+  if "vocab_size" not in saved or "pad_vocab_to_multiple_of" in saved:
     return
   rows = padded_vocab_size(complete_model_config(saved))
   if rows != padded_vocab_size(config.model):
