@@ -48,10 +48,7 @@ def _name_list(names, limit: int = 12) -> str:
 
 def _flat_variables(variables: dict) -> dict:
   """{path inside its collection: leaf} over "params" and "router" (their paths never collide)."""
-  out = {}
-  for collection in variables.values():
-    out.update(flatten_dict(collection))
-  return out
+  return {p: leaf for collection in variables.values() for p, leaf in flatten_dict(collection).items()}
 
 
 def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> tuple[Any, dict]:

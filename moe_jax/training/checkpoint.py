@@ -55,7 +55,6 @@ class Checkpointer:
     return self.manager.save(step, args=args, force=True)
 
   def _restore(self, step: int, abstract_state: Any, loader: Any):
-    """(state, whether it was converted from the earlier routing-bias layout)."""
     state_dir = os.path.join(self.directory, str(step), "state")
     legacy = bool(abstract_state.router_bias) and has_legacy_router_layout(state_dir)
     flat = traverse_util.flatten_dict(abstract_state.router_bias, sep="/")
