@@ -75,7 +75,7 @@ def base_model_config() -> ml_collections.ConfigDict:
   c.routed_scaling_factor = 2.5  # gating weights are multiplied by this after normalisation
   c.aux_loss_alpha = 0.0001  # weight alpha of the complementary balance loss (V3 eq. 17-20)
   c.seq_aux = True  # balance loss per sequence (V3) rather than per batch
-  c.num_nextn_predict_layers = 1  # MTP depth D (0 = no MTP modules)
+  c.num_nextn_predict_layers = 1  # MTP depth J (0 = no MTP modules)
   c.hidden_act = "silu"  # SwiGLU activation
   c.rms_norm_eps = 1e-6  # epsilon of the block and final RMSNorms
   c.rope_theta = 10000.0  # RoPE base

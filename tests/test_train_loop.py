@@ -83,6 +83,11 @@ def test_train_step_traces_once_moves_bias_by_gamma_and_donates(tmp_path):
   assert all(jax.tree.leaves(moved)), {k: v for k, v in __import__("flax").traverse_util.flatten_dict(moved, sep="/").items() if not v}
   # The routing bias never enters the optimiser state.
   assert "e_score_correction_bias" not in str(jax.tree_util.tree_structure(state.opt_state))
+  # Vocabulary padding (257 ids -> 384 rows): the padding rows never get a gradient, so they are still exactly 0.
+  V = c.model.vocab_size
+  assert state.params["embedding"].shape[0] == 384 and state.params["lm_head"].shape[1] == 384
+  assert not np.any(np.asarray(state.params["embedding"])[V:]) and not np.any(np.asarray(state.params["lm_head"])[:, V:])
+  assert np.all(np.any(np.asarray(state.params["embedding"])[:V] != 0, axis=1))
 
 
 def test_make_train_step_donates_the_state(tmp_path):

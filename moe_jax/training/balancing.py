@@ -51,5 +51,5 @@ def max_violation(load_LE):
 
 
 def all_expert_loads(aux: dict):
-  """[L_moe + D_mtp_moe, E]: the main MoE layers' loads, then the MTP blocks'."""
+  """[L_moe + J_moe, E] (J_moe: the MTP blocks that are MoE): the main MoE layers' loads, then the MTP blocks'."""
   return jnp.concatenate([aux["expert_load"], aux.get("mtp_expert_load", aux["expert_load"][:0])], axis=0)
