@@ -148,6 +148,32 @@ def test_greedy_plain_and_speculative_equal_full_forward_greedy(small_vocab):
   assert left.tokens == want
 
 
+def test_speculative_drafts_are_the_full_forward_mtp_argmax():
+  """Greedy drafting, step by step: each draft is the argmax of the MTP module's full-forward logits at the
+  position before the newest token (MTP at j reads t_{j+1} and predicts t_{j+2}), accepted iff it is the next
+  greedy token; an acceptance skips the bonus token's draft. So the drafted and accepted counts are fixed by the
+  full forward, and they check that generation feeds the MTP module its prompt at the right positions (the
+  previous generator ran the MTP prefill at offset slots, attending to empty ones: 22 drafted / 5 accepted here
+  against the full forward's 25 / 2)."""
+  cfg, model, variables = _small_vocab_model(vocab=6, seed=2)  # drafts often accepted
+  prompts = [[1, 5, 3, 2, 3], [1, 2], [3, 1, 4, 1, 5, 3, 2, 0, 5, 3, 5]]
+  N = 10
+  out = Generator(variables, cfg).generate(prompts, max_new_tokens=N, speculative=True)
+  mtp_logits = jax.jit(lambda t: model.apply(variables, t)[1]["mtp_logits"][0])
+  drafted = accepted = 0
+  for prompt, generated in zip(prompts, out.tokens):
+    seq = prompt + generated
+    mtp_TV = np.asarray(mtp_logits(jnp.asarray([seq + [0] * (32 - len(seq))])))[0]
+    n = len(prompt)  # index of the newest token: the prefill's
+    while n - len(prompt) + 1 < N:
+      drafted += 1
+      hit = int(np.argmax(mtp_TV[n - 1])) == seq[n + 1]
+      accepted += hit
+      n += 2 if hit else 1
+  assert 0 < accepted < drafted
+  assert (out.stats["drafted"], out.stats["accepted"]) == (drafted, accepted)
+
+
 def test_stop_tokens_and_one_compile_per_bucket(small_vocab):
   cfg, model, variables, gen = small_vocab
   prompt = [2, 4, 6]

@@ -176,9 +176,9 @@ def _generate(cfg, speculative: bool, n_bucket: int, variables, prompts_BT, leng
 class Generator:
   """Generation for one model: compiles once per (batch, prompt, max_new_tokens) bucket and mode.
 
-  variables: {"params": ..., "router": ...} as `Transformer.init` returns them. max_len: the longest sequence (prompt + generated) allowed; defaults to
-  the model's max_position_embeddings. absorb: weight-absorbed attention over the latent cache (False rebuilds
-  per-head K/V: for checking and benchmarks).
+  variables: {"params": ..., "router": ...} as `Transformer.init` returns them. max_len: the longest sequence (prompt
+  + generated) allowed; defaults to the model's max_position_embeddings. absorb: weight-absorbed attention over the
+  latent cache (False rebuilds per-head K/V: for checking and benchmarks).
   """
 
   def __init__(self, variables: Any, model_config: Any, *, max_len: int | None = None, absorb: bool = True):

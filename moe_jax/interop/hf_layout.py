@@ -1,9 +1,9 @@
 """The tensor layout of DeepSeek-V2/V3 checkpoints (HF names) and how each maps onto moe_jax parameters.
 
-`checkpoint_layout(cfg)` returns {hf_key: HFTensor}. An HFTensor knows its HF shape, how to cut the
-(torch-layout, [out, in]) array into moe_jax variables (`assign`: a list of (path, index -- into a stacked
-leading axis, the true-vocabulary rows, or () -- , array)), and the inverse (`export`: builds the HF array from a parameter getter). Loading
-iterates the checkpoint through this table, export iterates the table; missing and unexpected names fall out
+`checkpoint_layout(cfg)` returns {hf_key: HFTensor}. An HFTensor knows its HF shape, how to cut the (torch-layout,
+[out, in]) array into moe_jax variables (`assign`: a list of (path, index -- into a stacked leading axis, the true-
+vocabulary rows, or () -- , array)), and the inverse (`export`: builds the HF array from a parameter getter).
+Loading iterates the checkpoint through this table, export iterates the table; missing and unexpected names fall out
 of comparing key sets. Layer i is `dense_layers[_i]` for i < first_k_dense_replace, else `moe_layers[_j]`;
 MTP module k is checkpoint layer `num_hidden_layers + k`. Paths are inside the variables' collections: the
 routing biases (`e_score_correction_bias`) in "router", everything else in "params" (`collection_of`).

@@ -52,7 +52,7 @@ def _flat_variables(variables: dict) -> dict:
 
 
 def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> tuple[Any, dict]:
-  """Returns (model_config, variables {"params": ..., "router": ...}) for a DeepseekV2ForCausalLM / DeepseekV3ForCausalLM checkpoint directory.
+  """(model_config, variables {"params": ..., "router": ...}) of a DeepseekV2/V3ForCausalLM checkpoint directory.
 
   dtype: the parameters' storage and compute dtype (routers stay float32). scan_layers: stack identical layers
   for `nn.scan`. If config.json announces MTP layers that the checkpoint does not hold (transformers neither
@@ -137,12 +137,12 @@ def save(config: Any, variables: Any, path: str, *, dtype: Any = None, max_shard
   """Writes `variables` of a model with `config` as a DeepseekV3/V2 checkpoint that transformers and `load` read.
 
   variables: {"params": ..., "router": ...} (a train state's `{"params": state.params, "router":
-  state.router_bias}`), scanned or unrolled (as `config.scan_layers` says), boxed or not, on any devices. Written: config.json, per-expert tensors, the MTP
-  modules as layers num_hidden_layers.. (with the copies of the embedding and head the format repeats), in
-  files of at most `max_shard_bytes` (model.safetensors, or model-0000k-of-0000n.safetensors plus
-  model.safetensors.index.json). dtype: storage dtype (default: each parameter's own); the routing biases stay
-  float32, as in the V3 release. Returns the files written. Raises before writing anything when the parameter
-  tree does not match the config.
+  state.router_bias}`), scanned or unrolled (as `config.scan_layers` says), boxed or not, on any devices. Written:
+  config.json, per-expert tensors, the MTP modules as layers num_hidden_layers.. (with the copies of the embedding
+  and head the format repeats), in files of at most `max_shard_bytes` (model.safetensors, or
+  model-0000k-of-0000n.safetensors plus model.safetensors.index.json). dtype: storage dtype (default: each
+  parameter's own); the routing biases stay float32, as in the V3 release. Returns the files written. Raises before
+  writing anything when the parameter tree does not match the config.
   """
   config_path = os.path.join(path, "config.json")
   if os.path.exists(config_path) and not overwrite:

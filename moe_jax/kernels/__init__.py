@@ -3,8 +3,9 @@
 `gmm(lhs_MI, rhs_EIO, group_sizes_E, backend=...)` multiplies consecutive row blocks of `lhs_MI` (rows sorted
 by expert, `group_sizes_E[e]` rows for expert e) by their expert's matrix `rhs_EIO[e]`; `tgmm` is its weight
 gradient. Backends are named in `BACKENDS`; "auto" picks the validated default for the current platform.
-`layout` maps token-copies to buffer slots (rows, expert-aligned tiles, or fixed-capacity groups); `permute`/`unpermute` move rows
-between tokens and slots with gather-only gradients; `tile_gmm` is the portable matmul on the tiles layout.
+`layout` maps token-copies to buffer slots (rows, expert-aligned tiles, or fixed-capacity groups);
+`permute`/`unpermute` move rows between tokens and slots with gather-only gradients; `tile_gmm` is the portable
+matmul on the tiles layout.
 """
 
 from moe_jax.kernels.gmm import BACKENDS, gmm, interpret_kernels, resolve_backend, tgmm

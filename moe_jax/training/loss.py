@@ -4,8 +4,8 @@
 
   L_main   mean over targets of -log p(t_{i+1} | t_<=i): position i predicts token i+1 when both lie in the same
            document (segment_ids equal and non-zero), so padding and document boundaries are never targets
-  L_MTP    (1/J) sum_k L_MTP^k (eq. 25, J = MTP depth); depth k (1-based) at position i predicts token i+k+1, a target when
-           token i+k+1 is in position i's document
+  L_MTP    (1/J) sum_k L_MTP^k (eq. 25; J the MTP depth); depth k (1-based) at position i predicts token i+k+1, a
+           target when token i+k+1 is in position i's document
   L_bal    the alpha-weighted sequence-wise balance loss each MoE layer returns (main layers and MTP blocks)
 """
 

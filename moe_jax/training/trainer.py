@@ -53,8 +53,9 @@ def _check_vocab_rows(config: ml_collections.ConfigDict, workdir: str) -> None:
   rows = padded_vocab_size(complete_model_config(saved))
   if rows != padded_vocab_size(config.model):
     raise ValueError(f"invalid config: {workdir} was written before vocabulary padding (its checkpoints hold "
-                     f"{rows} embedding rows, config.model.pad_vocab_to_multiple_of={config.model.pad_vocab_to_multiple_of}"
-                     f" gives {padded_vocab_size(config.model)}); resume it with "
+                     f"{rows} embedding rows; config.model.pad_vocab_to_multiple_of="
+                     f"{config.model.pad_vocab_to_multiple_of} gives {padded_vocab_size(config.model)}); resume it "
+                     "with "
                      "--config.model.pad_vocab_to_multiple_of=1")
 
 
