@@ -41,8 +41,11 @@ def test_dropless_matches_loop_reference_with_empty_experts(backend):
   wg, wu, wd = _experts()
   idx, w = _routing()
   x = np.random.default_rng(3).normal(size=(24, 8)).astype(np.float32)
-  with interpret_kernels():  # Pallas backends run in interpret mode on CPU
-    y = dropless_dispatch(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), wg, wu, wd, backend=backend)
+  # Pallas backends run in interpret mode on CPU. Jitted: run eagerly, the main thread's next op could queue
+  # behind the interpreted kernel whose io_callbacks dispatch ops of their own, and both wait (seen once in CI).
+  with interpret_kernels():
+    y = jax.jit(lambda *a: dropless_dispatch(*a, backend=backend))(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w),
+                                                                   wg, wu, wd)
   np.testing.assert_allclose(y, _np_moe(x, idx, w, wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 

@@ -70,11 +70,10 @@ def test_gmm_bfloat16_inputs_float32_accumulation(backend):
   sizes = [40, 0, 90, 1]
   lhs, rhs, cot = _draw(sizes, 64, 32, jnp.bfloat16, 7)
   gs = jnp.asarray(sizes, jnp.int32)
-  with interpret_kernels():
-    out = gmm(jnp.asarray(lhs, jnp.bfloat16), jnp.asarray(rhs, jnp.bfloat16), gs, backend=backend,
-              preferred_element_type=jnp.float32)
-    d_rhs = tgmm(jnp.asarray(lhs, jnp.bfloat16), jnp.asarray(cot, jnp.bfloat16), gs, backend=backend,
-                 preferred_element_type=jnp.float32)
+  with interpret_kernels():  # jitted: eager calls into interpreted kernels can deadlock (see test_dispatch.py)
+    out, d_rhs = jax.jit(lambda l, r, c: (gmm(l, r, gs, backend=backend, preferred_element_type=jnp.float32),
+                                          tgmm(l, c, gs, backend=backend, preferred_element_type=jnp.float32)))(
+        jnp.asarray(lhs, jnp.bfloat16), jnp.asarray(rhs, jnp.bfloat16), jnp.asarray(cot, jnp.bfloat16))
   assert out.dtype == jnp.float32 and d_rhs.dtype == jnp.float32
   # Exact products of bf16 inputs, summed in float32: only summation-order error remains.
   np.testing.assert_allclose(out, _np_gmm(lhs, rhs, sizes), rtol=1e-4, atol=1e-3)
@@ -87,6 +86,7 @@ def test_pallas_tpu_kernel_with_tiles_straddling_groups():
   lhs, rhs, cot = _draw(sizes, 40, 24, jnp.float32, 11)
   gs = jnp.asarray(sizes, jnp.int32)
   out = pallas_tpu.gmm(jnp.asarray(lhs), jnp.asarray(rhs), gs, jnp.float32, tiling=(8, 16, 8), interpret=True)
+  jax.block_until_ready(out)  # one interpreted kernel at a time (their callbacks dispatch work of their own)
   d_rhs = pallas_tpu.tgmm(jnp.asarray(lhs), jnp.asarray(cot), gs, jnp.float32, tiling=(8, 16, 8), interpret=True)
   np.testing.assert_allclose(out, _np_gmm(lhs, rhs, sizes), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(d_rhs, _np_tgmm(lhs, cot, sizes), rtol=1e-4, atol=1e-4)
