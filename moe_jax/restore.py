@@ -20,13 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from flax.core import meta
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from moe_jax.config import complete_model_config
 from moe_jax.data import load_tokenizer
 from moe_jax.interop import huggingface
 from moe_jax.model import Transformer
-from moe_jax.training.checkpoint import has_legacy_router_layout
+from moe_jax.training.checkpoint import router_bias_as_saved
 
 HF_PREFIX = "hf:"
 
@@ -72,13 +71,13 @@ def load_workdir(workdir: str, step: int | None = None) -> LoadedModel:
   router = abstract.get("router", {})
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   state_dir = os.path.join(ckpt_dir, str(step), "state")
-  legacy = bool(router) and has_legacy_router_layout(state_dir)  # a run from before the "router" collection
-  item = {"params": abstract["params"], "router_bias": flatten_dict(router, sep="/") if legacy else router}
+  saved, convert = router_bias_as_saved(state_dir, router)  # a run from before the "router" collection converts
+  item = {"params": abstract["params"], "router_bias": saved}
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(dtype=a.dtype, sharding=device), item)
   restored = ocp.PyTreeCheckpointer().restore(
       state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-  if legacy:
-    restored["router_bias"] = unflatten_dict(dict(restored["router_bias"]), sep="/")
+  if convert is not None:
+    restored["router_bias"] = convert(restored["router_bias"])
   variables = {"params": restored["params"]} | ({"router": restored["router_bias"]} if router else {})
   return LoadedModel(model_config, variables, _tokenizer(config, workdir), f"{workdir} @ step {step}")
 

@@ -106,7 +106,7 @@ def _generate(cfg, speculative: bool, n_bucket: int, variables, prompts_BT, leng
 
   # Prefill: the right-padded prompts in one pass; pad slots beyond each length are masked and later overwritten.
   logits_BTV, hidden_BTD, caches = forward(prompts_BT, caches)
-  caches = with_length(caches, lengths_B, jnp.zeros_like(lengths_B))
+  caches = with_length(caches, lengths_B, caches.mtp_length_B)  # the MTP block has not run yet
   rng, k_first, k_draft = jax.random.split(rng, 3)
   first_B = sample(k_first, probs(_take_at(logits_BTV, lengths_B - 1)))
   n_out_B = jnp.ones((B,), jnp.int32)

@@ -26,14 +26,14 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax.core import meta
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import unflatten_dict
 
-from moe_jax.interop.hf_config import fp8_block_size, hf_config_from_model, model_config_from_hf
 from moe_jax.config import padded_vocab_size
+from moe_jax.interop.hf_config import fp8_block_size, hf_config_from_model, model_config_from_hf
 from moe_jax.interop.hf_layout import checkpoint_layout, collection_of, mtp_layers_present
 from moe_jax.interop.safetensors_io import SafetensorsCheckpoint, dequantize_fp8_blockwise, write_file
 from moe_jax.model.params import variable_shapes
-from moe_jax.model.variables import as_variables
+from moe_jax.model.variables import as_variables, flat_variables
 
 log = logging.getLogger(__name__)
 _SCALE_SUFFIX = "_scale_inv"  # FP8 release: "<name>.weight" + "<name>.weight_scale_inv"
@@ -44,11 +44,6 @@ def _name_list(names, limit: int = 12) -> str:
   names = sorted(names)
   more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
   return ", ".join(names[:limit]) + more
-
-
-def _flat_variables(variables: dict) -> dict:
-  """{path inside its collection: leaf} over "params" and "router" (their paths never collide)."""
-  return {p: leaf for collection in variables.values() for p, leaf in flatten_dict(collection).items()}
 
 
 def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> tuple[Any, dict]:
@@ -88,7 +83,7 @@ def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> t
     raise ValueError(f"{path}: checkpoint does not match its config.json.\n  missing ({len(missing)}): "
                      f"{_name_list(missing)}\n  unexpected ({len(unexpected)}): {_name_list(unexpected)}")
 
-  targets = _flat_variables(variable_shapes(cfg))
+  targets = flat_variables(variable_shapes(cfg))
   buffers: dict[tuple[str, ...], np.ndarray] = {}
   filled = dict.fromkeys(targets, 0)
   # Padding rows of the embedding and head are not in the checkpoint: zeros, counted as filled.
@@ -148,8 +143,8 @@ def save(config: Any, variables: Any, path: str, *, dtype: Any = None, max_shard
   if os.path.exists(config_path) and not overwrite:
     raise FileExistsError(f"{path} already holds a checkpoint (config.json); pass overwrite=True to replace it")
   hf = hf_config_from_model(config)  # raises for configs with no published format
-  flat = _flat_variables(as_variables(meta.unbox(variables)))
-  expect = _flat_variables(variable_shapes(config))
+  flat = flat_variables(as_variables(meta.unbox(variables)))
+  expect = flat_variables(variable_shapes(config))
   missing, unexpected = expect.keys() - flat.keys(), flat.keys() - expect.keys()
   if missing or unexpected:
     raise ValueError(f"params do not match the config.\n  missing ({len(missing)}): "

@@ -37,6 +37,11 @@ class Layout(NamedTuple):
   def num_slots(self) -> int:
     return self.copy_of_slot_P.shape[0]
 
+  @property
+  def dropped_M(self) -> jax.Array:
+    """bool [M]: copies the layout has no slot for (the capacity layout's overflow)."""
+    return self.slot_of_copy_M >= self.num_slots
+
 
 def gather_or_zero(x_MD, idx_P):
   """x[idx] with a zero row wherever idx >= M (the out-of-range index marking a padding slot or a dropped copy)."""

@@ -96,5 +96,5 @@ def capacity_dispatch(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
   h_EUF = (jax.nn.silu(gate_EUF) * up_EUF).astype(dtype)
   out_EUD = jnp.einsum("euf,efd->eud", h_EUF, w_down_EFD.astype(dtype), preferred_element_type=f32)
   y_TD = unpermute(out_EUD.reshape(E * U, D).astype(dtype), weight_TK, lay.copy_of_slot_P, lay.slot_of_copy_M)
-  dropped = jnp.mean((lay.slot_of_copy_M >= lay.num_slots).astype(f32))  # exact 0 when nothing is dropped
+  dropped = jnp.mean(lay.dropped_M.astype(f32))  # exact 0 when nothing is dropped
   return y_TD.astype(dtype), dropped

@@ -95,8 +95,7 @@ def _local(x_TD, idx_TK, weight_TK, w_gate, w_up, w_down, *, E: int, n: int, fac
   # Send side: copies sorted by expert, U slots per destination device (expert // E_loc), overflow dropped.
   send = capacity_layout(flat_e_M, n, E_loc, U)
   send_x = permute(x_TD, send.copy_of_slot_P, send.slot_of_copy_M, K)
-  live_P = send.copy_of_slot_P < M
-  send_e = jnp.where(live_P, jnp.take(flat_e_M, jnp.minimum(send.copy_of_slot_P, M - 1)) % E_loc, E_loc)
+  send_e = jnp.take(flat_e_M % E_loc, send.copy_of_slot_P, mode="fill", fill_value=E_loc)  # empty slot: E_loc
   recv_x = jax.lax.all_to_all(send_x.reshape(n, U, D), expert_axis, 0, 0, tiled=True).reshape(n * U, D)
   recv_e = jax.lax.all_to_all(send_e.reshape(n, U), expert_axis, 0, 0, tiled=True).reshape(n * U)
   # Receive side: rows of each local expert together; padding rows (id E_loc) last and outside every group.
@@ -109,8 +108,7 @@ def _local(x_TD, idx_TK, weight_TK, w_gate, w_up, w_down, *, E: int, n: int, fac
     y_recv = jax.lax.psum(y_recv, tensor_axis)  # each tensor shard computed a slice of the expert width
   back = jax.lax.all_to_all(y_recv.reshape(n, U, D), expert_axis, 0, 0, tiled=True).reshape(n * U, D)
   y_TD = unpermute(back, weight_TK, send.copy_of_slot_P, send.slot_of_copy_M).astype(x_TD.dtype)
-  fits_M = send.slot_of_copy_M < n * U
-  totals = jnp.stack([jnp.sum(~fits_M).astype(jnp.float32), jnp.float32(M)])
+  totals = jnp.stack([jnp.sum(send.dropped_M).astype(jnp.float32), jnp.float32(M)])
   if batch_axes:
     totals = jax.lax.psum(totals, batch_axes)
   return y_TD, totals[0] / totals[1]

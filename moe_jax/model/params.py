@@ -13,10 +13,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict
 
 from moe_jax.config import padded_vocab_size, validate_model_config
 from moe_jax.model.transformer import Transformer
+from moe_jax.model.variables import flat_variables
 
 
 def variable_shapes(cfg: Any, boxed: bool = False) -> dict:
@@ -57,8 +57,7 @@ def _component(path: tuple[str, ...]) -> str:
 def count_params(cfg: Any) -> dict:
   """{'total_params', 'active_params', 'total_params_with_mtp', 'active_params_with_mtp',
   'stored_params_hf', 'components': {name: (total, active)}}."""
-  variables = variable_shapes(cfg)
-  shapes = {**flatten_dict(variables["params"]), **flatten_dict(variables.get("router", {}))}  # biases: "routers"
+  shapes = flat_variables(variable_shapes(cfg))  # the routing biases count under "routers"
   frac = cfg.num_experts_per_tok / cfg.n_routed_experts
   components: dict[str, list[int]] = {}
   total = active = mtp_total = mtp_active = 0

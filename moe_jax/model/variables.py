@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from flax.traverse_util import flatten_dict
+
 from moe_jax.layers.router import BIAS_COLLECTION
+
+
+def flat_variables(variables: dict) -> dict:
+  """{path inside its collection: leaf} over "params" and "router" (their paths never collide: the bias paths end
+  in e_score_correction_bias, which no parameter does)."""
+  return {p: leaf for collection in variables.values() for p, leaf in flatten_dict(collection).items()}
 
 
 def as_variables(tree: Any) -> dict:

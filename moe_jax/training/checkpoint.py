@@ -55,15 +55,15 @@ class Checkpointer:
     return self.manager.save(step, args=args, force=True)
 
   def _restore(self, step: int, abstract_state: Any, loader: Any):
-    state_dir = os.path.join(self.directory, str(step), "state")
-    legacy = bool(abstract_state.router_bias) and has_legacy_router_layout(state_dir)
-    flat = traverse_util.flatten_dict(abstract_state.router_bias, sep="/")
+    """(state, whether its routing biases were converted from the earlier layout)."""
+    saved, convert = router_bias_as_saved(os.path.join(self.directory, str(step), "state"),
+                                          abstract_state.router_bias)
     state = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state.replace(router_bias=flat) if legacy else abstract_state),
+        state=ocp.args.StandardRestore(abstract_state.replace(router_bias=saved)),
         data=grain.checkpoint.CheckpointRestore(loader)))["state"]
-    if legacy:
-      state = state.replace(router_bias=traverse_util.unflatten_dict(dict(state.router_bias), sep="/"))
-    return state, legacy
+    if convert is None:
+      return state, False
+    return state.replace(router_bias=convert(state.router_bias)), True
 
   def restore_latest(self, abstract_state: Any, loader: Any, log: Callable[[str], None] = print):
     """(state, step) from the newest readable checkpoint, or (None, 0) when there is none."""
@@ -87,11 +87,18 @@ class Checkpointer:
     self.manager.close()
 
 
-def has_legacy_router_layout(state_dir: str) -> bool:
-  """Whether the train state saved in `state_dir` holds the routing biases as one flat "a/b/c"-keyed dict."""
+def router_bias_as_saved(state_dir: str, router: Any):
+  """(`router` -- a "router" collection tree, possibly abstract -- in the layout the train state saved in
+  `state_dir` holds it, and a function from that layout back to the collection, or None when they agree).
+  Earlier runs saved one flat dict keyed by the joined paths; the checkpoint's tree metadata tells which."""
+  if not router:
+    return router, None
   tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
   tree = getattr(tree, "tree", tree)
-  return any("/" in str(k) for k in (tree.get("router_bias") or {}))
+  if not any("/" in str(k) for k in (tree.get("router_bias") or {})):
+    return router, None
+  return (traverse_util.flatten_dict(router, sep="/"),
+          lambda flat: traverse_util.unflatten_dict(dict(flat), sep="/"))
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:
