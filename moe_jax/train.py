@@ -2,18 +2,28 @@
 
     python -m moe_jax.train --config=configs/default.py --workdir=/tmp/run [--config.train.num_steps=100 ...]
 
-Re-running the same command on the same workdir resumes. Writes WORKDIR/{metrics.jsonl, eval.json,
+Re-running the same command on the same workdir resumes. SIGTERM/SIGINT save a checkpoint and exit 0. Errors
+the user must act on print one line and exit non-zero: 2 diverged, 3 the workdir holds a different run, 4 another
+trainer holds the workdir, 5 no checkpoint restores, 6 a checkpoint could not be written, 7 no usable document. Writes WORKDIR/{metrics.jsonl, eval.json,
 checkpoints/, tensorboard/, tokenizer.json, config.json}.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moe_jax.data.packing import NoUsableDocuments
 from moe_jax.training import TrainingDiverged, train_and_evaluate
+from moe_jax.training.checkpoint import CheckpointsUnreadable, CheckpointWriteError, quiet_orbax_errors
+from moe_jax.training.workdir import ConfigMismatch, WorkdirInUse
+
+# Failures that are the user's to act on: one clear message and an exit code, not a traceback.
+_EXIT_CODES = {TrainingDiverged: 2, ConfigMismatch: 3, WorkdirInUse: 4, CheckpointsUnreadable: 5,
+               CheckpointWriteError: 6, NoUsableDocuments: 7}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and eval.json.")
@@ -23,11 +33,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress lines are printed instead
+  quiet_orbax_errors()  # a failed save or restore is reported in one line below
   try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except TrainingDiverged as e:
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except tuple(_EXIT_CODES) as e:
     print(f"ERROR: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.stdout.flush()
+    os._exit(_EXIT_CODES[type(e)])  # noqa: SLF001 - no interpreter teardown under Orbax's background threads
+  if "preempted" in result:
+    print(f"preempted by {result['signal']} at step {result['preempted']}: checkpoint saved", flush=True)
 
 
 if __name__ == "__main__":

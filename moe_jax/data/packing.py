@@ -27,13 +27,21 @@ import numpy as np
 MIN_PIECE = 16
 
 
-class Packer:
-  """Builds rows from documents given one at a time; `next_row()` pulls documents through `fetch`."""
+class NoUsableDocuments(ValueError):
+  """A whole pass over the documents found none that could be used; the message holds the skip counters."""
 
-  def __init__(self, seq_len: int, fetch: Callable[[], dict | None]):
+
+class Packer:
+  """Builds rows from documents given one at a time; `next_row()` pulls documents through `fetch`.
+
+  `pass_length`: documents in one pass of the (endlessly repeated) source. If that many documents in a row are
+  skipped, no document will ever be usable and NoUsableDocuments is raised instead of looping forever."""
+
+  def __init__(self, seq_len: int, fetch: Callable[[], dict | None], pass_length: int = 0):
     if seq_len < MIN_PIECE:
       raise ValueError(f"config.data.seq_len={seq_len} must be >= {MIN_PIECE}")
-    self.seq_len, self.fetch = seq_len, fetch
+    self.seq_len, self.fetch, self.pass_length = seq_len, fetch, pass_length
+    self._skipped_in_a_row = 0
     self.doc: np.ndarray | None = None  # [<bos>, tokens...] of the current document
     self.offset = 0  # first token of the current document not yet placed (with the 1-token overlap)
     self.counters: collections.Counter = collections.Counter()
@@ -46,7 +54,13 @@ class Packer:
       self.counters["documents_read"] += 1
       if item["skip"] is not None:
         self.counters[f"skipped_{item['skip']}"] += 1
+        self._skipped_in_a_row += 1
+        if self.pass_length and self._skipped_in_a_row >= self.pass_length:
+          skips = {k: v for k, v in self.counters.items() if k.startswith("skipped_")}
+          raise NoUsableDocuments(f"none of the {self.pass_length} documents of a full pass is usable (skipped: "
+                                  f"{skips}); check config.data.source, paths and text_field")
         continue
+      self._skipped_in_a_row = 0
       self.doc, self.offset = item["ids"], 0
       return True
 
@@ -86,10 +100,10 @@ class Packer:
 
 class _PackIterator(grain.DatasetIterator):
 
-  def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+  def __init__(self, parent: grain.DatasetIterator, seq_len: int, pass_length: int):
     super().__init__(parent)
     self._doc_state = parent.get_state()  # parent state before the current document was fetched
-    self._packer = Packer(seq_len, self._fetch)
+    self._packer = Packer(seq_len, self._fetch, pass_length)
 
   def _fetch(self):
     self._doc_state = self._parent.get_state()
@@ -122,21 +136,41 @@ class _PackIterator(grain.DatasetIterator):
 
 
 class PackIterDataset(grain.IterDataset):
-  """Rows of `seq_len` packed from a dataset of {"ids": int32 [n] (starting with <bos>), "skip": str | None}."""
+  """Rows of `seq_len` packed from a dataset of {"ids": int32 [n] (starting with <bos>), "skip": str | None};
+  `pass_length` documents make one pass (see Packer)."""
 
-  def __init__(self, parent: grain.IterDataset, seq_len: int):
+  def __init__(self, parent: grain.IterDataset, seq_len: int, pass_length: int = 0):
     super().__init__(parent)
-    self._seq_len = seq_len
+    self._seq_len, self._pass_length = seq_len, pass_length
 
   def __iter__(self) -> _PackIterator:
-    return _PackIterator(self._parent.__iter__(), self._seq_len)
+    return _PackIterator(self._parent.__iter__(), self._seq_len, self._pass_length)
 
   def __str__(self) -> str:
     return f"PackIterDataset(seq_len={self._seq_len})"
 
 
-def tokenize_fn(tokenizer: Any) -> Callable[[dict], dict]:
-  """Maps a source document to {"ids": [<bos>, ...], "skip", "nbytes"}; pre-tokenised documents pass through."""
+def _encode(tokenizer: Any, text: bytes, max_bytes: int) -> np.ndarray:
+  """Token ids of `text`, encoded in pieces of at most ~max_bytes cut after a newline (or at a UTF-8 character
+  start), so a tokenizer's working memory follows the piece, not a record of any size."""
+  if len(text) <= max_bytes:
+    return tokenizer.encode(text)
+  parts, start = [], 0
+  while start < len(text):
+    end = min(start + max_bytes, len(text))
+    if end < len(text):
+      nl = text.rfind(b"\n", start + max_bytes // 2, end)
+      end = nl + 1 if nl >= 0 else end
+      while end > start + 1 and end < len(text) and (text[end] & 0xC0) == 0x80:
+        end -= 1
+    parts.append(tokenizer.encode(text[start:end]))
+    start = end
+  return np.concatenate(parts)
+
+
+def tokenize_fn(tokenizer: Any, max_bytes: int = 1 << 20) -> Callable[[dict], dict]:
+  """Maps a source document to {"ids": [<bos>, ...], "skip", "nbytes"}; pre-tokenised documents pass through.
+  Texts longer than `max_bytes` are encoded piece by piece (`_encode`)."""
 
   def fn(doc: dict) -> dict:
     if doc["skip"] is not None:
@@ -146,7 +180,7 @@ def tokenize_fn(tokenizer: Any) -> Callable[[dict], dict]:
       if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
         return {"ids": None, "skip": "token_out_of_range", "nbytes": 0}
     else:
-      ids, nbytes = tokenizer.encode(doc["text"]), len(doc["text"])
+      ids, nbytes = _encode(tokenizer, doc["text"], max_bytes), len(doc["text"])
       if ids.size == 0:
         return {"ids": None, "skip": "empty", "nbytes": 0}
     return {"ids": np.concatenate([[tokenizer.bos_id], ids]).astype(np.int32), "skip": None, "nbytes": nbytes}

@@ -74,12 +74,23 @@ def _documents(data_cfg: Any, split: str, process_index: int, process_count: int
   return ds
 
 
+READ_AHEAD_BYTES = 256 << 20  # tokenised documents held ahead of the packer, at most (int32 ids)
+
+
+def read_options(data_cfg: Any) -> grain.ReadOptions:
+  """Grain's read-ahead sized by bytes: as many documents as fit READ_AHEAD_BYTES at the largest document size
+  (4 bytes per id, at most one id per byte), instead of Grain's default of 500 documents whatever their size."""
+  docs = READ_AHEAD_BYTES // (4 * data_cfg.max_document_bytes)
+  return grain.ReadOptions(num_threads=min(16, os.cpu_count() or 1), prefetch_buffer_size=int(min(max(docs, 4), 500)))
+
+
 def train_rows(data_cfg: Any, tokenizer, seed: int, process_index: int = 0,
                process_count: int = 1) -> grain.DatasetIterator:
   """Endless packed training rows for this process; a new shuffle of the documents every epoch."""
   ds = _documents(data_cfg, "train", process_index, process_count)
-  ds = ds.shuffle(seed=seed).repeat(None).map(tokenize_fn(tokenizer))
-  rows = PackIterDataset(ds.to_iter_dataset(), data_cfg.seq_len)
+  pass_length = len(ds)
+  ds = ds.shuffle(seed=seed).repeat(None).map(tokenize_fn(tokenizer, data_cfg.max_document_bytes))
+  rows = PackIterDataset(ds.to_iter_dataset(read_options(data_cfg)), data_cfg.seq_len, pass_length)
   if data_cfg.shuffle_window > 1:
     rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=data_cfg.shuffle_window, seed=seed + 1)
   return iter(rows)
@@ -91,7 +102,8 @@ def eval_rows(data_cfg: Any, tokenizer, process_index: int = 0, process_count: i
   The byte count is that of the documents actually used (skipped ones excluded), so bits per byte compare
   with a compressor run on the same documents.
   """
-  ds = _documents(data_cfg, "validation", process_index, process_count).map(tokenize_fn(tokenizer))
+  ds = _documents(data_cfg, "validation", process_index, process_count).map(
+      tokenize_fn(tokenizer, data_cfg.max_document_bytes))
   used = []
 
   def fetch():

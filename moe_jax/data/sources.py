@@ -8,13 +8,17 @@ never a crash). Keys are stable names ("relative/path.py", "file.jsonl:17") used
 Kinds (config.data.source):
   embedded     the running interpreter's standard library: sysconfig stdlib, *.py, without test/, tests/,
                site-packages (12.6 MB, 799 files on Python 3.11)
-  text         files matching config.data.paths globs, one document per file (UTF-8)
+  text         files matching config.data.paths globs, one document per file (UTF-8); a file larger than
+               config.data.max_document_bytes is several documents ("path#k"), cut at line ends, so memory
+               follows the piece, not the file. A corpus of one file is cut into ~100 pieces (>= 4 KiB), so that
+               some can be held out
   jsonl        JSON lines; the document is the string at config.data.text_field
   parquet      Parquet files; the document is the string column config.data.text_field (needs pyarrow)
   array_record ArrayRecord files of pre-tokenised documents, one record = little-endian int32 token ids
 
 The split: a document is held out when hash(key) falls in the lowest `validation_fraction` of the hash range
 (SHA-1, stable across machines and Python versions), never by position, so adding files does not move others.
+When that holds out nothing (a corpus of a few documents), the document with the lowest hash is held out.
 """
 
 from __future__ import annotations
@@ -74,19 +78,48 @@ def _text_doc(key: str, data: bytes) -> dict:
   return {"key": key, "text": data, "tokens": None, "skip": None}
 
 
-class FileSource:
-  """One document per file (the embedded corpus and plain-text globs)."""
+def _cut(f, pos: int, size: int, window: int) -> int:
+  """Where a piece boundary near byte `pos` falls: after the first newline in [pos, pos + window), else at the
+  first UTF-8 character start from pos. Pieces k and k+1 agree on their boundary without reading each other."""
+  if pos <= 0 or pos >= size:
+    return min(max(pos, 0), size)
+  f.seek(pos)
+  data = f.read(window)
+  nl = data.find(b"\n")
+  if nl >= 0:
+    return pos + nl + 1
+  i = 0
+  while i < len(data) and (data[i] & 0xC0) == 0x80:  # UTF-8 continuation byte
+    i += 1
+  return pos + i
 
-  def __init__(self, files: Sequence[tuple[str, str]]):
-    self.files = list(files)
+
+class FileSource:
+  """One document per file (the embedded corpus and plain-text globs), or per piece of `piece_bytes` of a larger
+  file: piece k covers [cut(k M), cut((k+1) M)) with `_cut`'s window M/4 < M, so no piece is empty or straddled."""
+
+  def __init__(self, files: Sequence[tuple[str, str]], piece_bytes: int = 1 << 20):
+    self.piece_bytes = piece_bytes
+    self.pieces: list[tuple[str, str, int, int]] = []  # (key, path, piece, pieces in the file)
+    for key, path in files:
+      n = max(1, -(-os.path.getsize(path) // piece_bytes))
+      self.pieces += [(key if n == 1 else f"{key}#{k}", path, k, n) for k in range(n)]
+
+  def keys(self) -> list[str]:
+    return [p[0] for p in self.pieces]
 
   def __len__(self) -> int:
-    return len(self.files)
+    return len(self.pieces)
 
   def __getitem__(self, i: int) -> dict:
-    key, path = self.files[i]
+    key, path, k, n = self.pieces[i]
     with open(path, "rb") as f:
-      return _text_doc(key, f.read())
+      if n == 1:
+        return _text_doc(key, f.read())
+      size, m = os.fstat(f.fileno()).st_size, self.piece_bytes
+      start, end = _cut(f, k * m, size, m // 4), _cut(f, (k + 1) * m, size, m // 4) if k + 1 < n else size
+      f.seek(start)
+      return _text_doc(key, f.read(max(end - start, 0)))
 
 
 class JsonlSource:
@@ -225,13 +258,17 @@ def build_source(data_cfg: Any, split: str) -> Subset:
     raise ValueError(f"split={split!r} is not one of {SPLITS}")
   kind = data_cfg.source
   if kind == "embedded":
-    files = embedded_corpus_files()
-    source, keys = FileSource(files), [k for k, _ in files]
+    source = FileSource(embedded_corpus_files(), data_cfg.max_document_bytes)
+    keys = source.keys()
   elif kind == "text":
     paths = _expand_globs(data_cfg.paths, kind)
     files = [(os.path.relpath(p, os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(p)), p)
              for p in paths]
-    source, keys = FileSource(files), [k for k, _ in files]
+    piece = data_cfg.max_document_bytes
+    if len(files) == 1:  # one file: cut it so that a share can be held out
+      piece = min(piece, max(4096, -(-os.path.getsize(files[0][1]) // 100)))
+    source = FileSource(files, piece)
+    keys = source.keys()
   elif kind == "jsonl":
     source = JsonlSource(_expand_globs(data_cfg.paths, kind), data_cfg.text_field)
     keys = source.keys()
@@ -245,8 +282,11 @@ def build_source(data_cfg: Any, split: str) -> Subset:
     raise ValueError(f"config.data.source={kind!r} is not one of {SOURCES}")
   if not keys:
     raise ValueError(f"config.data.source={kind!r}: the corpus is empty (no documents found)")
+  held_out = [is_validation(k, data_cfg.validation_fraction) for k in keys]
+  if not any(held_out) and len(keys) > 1:  # too few documents for the fraction: hold out the lowest hash
+    held_out[min(range(len(keys)), key=lambda i: hashlib.sha1(keys[i].encode("utf-8")).digest())] = True
   want_val = split == "validation"
-  indices = [i for i, k in enumerate(keys) if is_validation(k, data_cfg.validation_fraction) == want_val]
+  indices = [i for i, v in enumerate(held_out) if v == want_val]
   if not indices:
     raise ValueError(f"config.data.source={kind!r}: the {split} split is empty ({len(keys)} documents, "
                      f"validation_fraction={data_cfg.validation_fraction})")

@@ -29,6 +29,8 @@ def base_data_config() -> ml_collections.ConfigDict:
   d.source = "embedded"  # embedded (Python stdlib) | text | jsonl | parquet | array_record (moe_jax.data.sources)
   d.paths = ()  # files or globs for text/jsonl/parquet/array_record
   d.text_field = "text"  # the JSON field / Parquet column holding each document
+  d.max_document_bytes = 1 << 20  # longer texts are cut into pieces of about this size (at line ends) before
+  #                                 tokenising, so memory follows the piece, not the document
   d.validation_fraction = 0.05  # share of documents held out, chosen by a hash of each document's key
   d.tokenizer = "bpe"  # byte (256 bytes + <bos>) | bpe (byte-level BPE trained on the train split, or loaded)
   d.tokenizer_path = None  # a tokenizer.json to load instead of training one (bpe only)
@@ -73,7 +75,12 @@ def base_checkpoint_config() -> ml_collections.ConfigDict:
   c.every = 200  # steps between checkpoints (0 = only at the end)
   c.keep = 3  # newest checkpoints kept
   c.async_save = True  # write checkpoints in the background
+  c.restore = "latest"  # latest: resume from the newest checkpoint that verifies (error if none does) | never:
+  #                       start over, moving what the workdir holds to WORKDIR/previous/<time>/ (nothing deleted)
   return c
+
+
+RESTORE_MODES = ("latest", "never")
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -106,6 +113,7 @@ def validate_config(config: Any) -> None:
   _int_at_least(d, "config.data", "seq_len", 16)
   _int_at_least(d, "config.data", "batch_size", 1)
   _int_at_least(d, "config.data", "shuffle_window", 0)
+  _int_at_least(d, "config.data", "max_document_bytes", 4096)
   if d.tokenizer == "bpe" and not d.tokenizer_path:
     _require(d.bpe_vocab_size > 257, f"config.data.bpe_vocab_size={d.bpe_vocab_size} must be > 257")
     _require(config.model.vocab_size >= d.bpe_vocab_size,
@@ -143,6 +151,7 @@ def validate_config(config: Any) -> None:
   _require(0 <= t.adam_b1 < 1 and 0 <= t.adam_b2 < 1, "config.train.adam_b1 and adam_b2 must be in [0, 1)")
   _int_at_least(c, "config.checkpoint", "every", 0)
   _int_at_least(c, "config.checkpoint", "keep", 1)
+  _require(c.restore in RESTORE_MODES, f"config.checkpoint.restore={c.restore!r} is not one of {RESTORE_MODES}")
   validate_mesh_config(config)
 
 

@@ -1,8 +1,10 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Re-running on the same workdir resumes from the newest readable checkpoint (train state + data position), and
+Re-running on the same workdir resumes from the newest checkpoint that verifies (train state + data position), and
 metrics.jsonl is cut back to that step, so a killed-and-resumed run logs exactly the per-step losses of an
-uninterrupted one. At the end the whole validation split is evaluated and WORKDIR/eval.json written, with the
+uninterrupted one. A workdir belongs to one run (moe_jax.training.workdir): one trainer at a time (a lock), and a
+config that differs in what defines the run stops before anything is written. SIGTERM/SIGINT save a checkpoint at
+the next step boundary and return (moe_jax.training.preemption). At the end the whole validation split is evaluated and WORKDIR/eval.json written, with the
 gzip -9 / xz -9e bits per byte of the same held-out documents beside the model's.
 """
 
@@ -19,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from moe_jax.config import complete_model_config, padded_vocab_size
+from moe_jax.data.packing import NoUsableDocuments
 from moe_jax.data import BatchLoader, eval_rows, load_or_train_tokenizer, train_rows, validation_texts
 from moe_jax.model import Transformer
 from moe_jax.model.params import count_params
@@ -30,6 +32,8 @@ from moe_jax.training.evaluate import compressor_bits_per_byte, evaluate, token_
 from moe_jax.training.metrics import MetricWriter, format_eta, truncate_jsonl
 from moe_jax.sharding import batch_axes, make_mesh, rules_of
 from moe_jax.training.distributed import maybe_initialize
+from moe_jax.training.preemption import StopOnSignal
+from moe_jax.training.workdir import WorkdirLock, archive_run, check_resume
 from moe_jax.training.state import batch_sharding, create_train_state, global_batch, replicated_array
 from moe_jax.training.step import make_eval_step, make_train_step
 
@@ -43,26 +47,14 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _check_vocab_rows(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """A workdir from before vocabulary padding holds vocab_size embedding rows, which the padded default does not
-  fit: say how to resume it instead of failing on every checkpoint."""
-  path = os.path.join(workdir, "config.json")
-  saved = json.load(open(path)).get("model", {}) if os.path.isfile(path) else {}
-  if "vocab_size" not in saved or "pad_vocab_to_multiple_of" in saved:
-    return
-  rows = padded_vocab_size(complete_model_config(saved))
-  if rows != padded_vocab_size(config.model):
-    raise ValueError(f"invalid config: {workdir} was written before vocabulary padding (its checkpoints hold "
-                     f"{rows} embedding rows; config.model.pad_vocab_to_multiple_of="
-                     f"{config.model.pad_vocab_to_multiple_of} gives {padded_vocab_size(config.model)}); resume it "
-                     "with "
-                     "--config.model.pad_vocab_to_multiple_of=1")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = _log) -> dict:
-  """Trains (or resumes) and evaluates; returns the final eval dict (also written to WORKDIR/eval.json)."""
+  """Trains (or resumes) and evaluates; returns the final eval dict (also written to WORKDIR/eval.json).
+
+  A SIGTERM or SIGINT stops the run after the current step with a checkpoint; the result is then
+  {"preempted": step, "signal": name} and rerunning resumes. Raises ConfigMismatch (the workdir holds another
+  run), WorkdirInUse (another trainer writes it), CheckpointsUnreadable, CheckpointWriteError, TrainingDiverged.
+  """
   validate_config(config)
-  _check_vocab_rows(config, workdir)
   maybe_initialize(config.mesh)
   mesh, rules = make_mesh(config.mesh), rules_of(config.mesh)
   split = math.prod(mesh.shape[a] for a in batch_axes(rules))
@@ -70,8 +62,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
     raise ValueError(f"invalid config: config.data.batch_size={config.data.batch_size} is not divisible by the "
                      f"{split} ways the batch is split (mesh {dict(mesh.shape)}, batch axes {batch_axes(rules)})")
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+  try:
+    if config.checkpoint.restore == "never":
+      if jax.process_index() == 0:
+        archive_run(workdir, log)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("archive previous run")
+    else:
+      check_resume(config.to_dict(), workdir, log)  # before anything is written
+    with StopOnSignal(log) as stop:
+      return _train_and_evaluate(config, workdir, mesh, rules, stop, log)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir, mesh, rules, stop, log) -> dict:
   t_start = time.time()
 
   # Data and tokenizer.
@@ -86,6 +93,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
   loader = BatchLoader(train_rows(config.data, tokenizer, config.seed, pidx, pcount), config.data.batch_size,
                        config.data.seq_len)
   val_rows, val_bytes, val_counters = eval_rows(config.data, tokenizer, pidx, pcount)
+  if not val_rows:
+    raise NoUsableDocuments(f"none of the {val_counters.get('documents_read', 0)} held-out documents is usable "
+                            f"(counters: {val_counters}); check config.data.source, paths and text_field")
   if pcount > 1:  # each process holds a share of the held-out documents; the evaluation sums over all of them
     val_bytes = int(np.sum(multihost_utils.process_allgather(np.asarray(val_bytes, np.int64))))
   baselines = compressor_bits_per_byte(validation_texts(config.data))
@@ -103,13 +113,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
       f"{pcount} process(es)")
   state, shardings, tx = create_train_state(model, config.train, mesh, rules, config.seed)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every, config.checkpoint.keep,
-                      config.checkpoint.async_save)
+                      config.checkpoint.async_save, quarantine=os.path.join(workdir, "quarantine"))
   restored, start = ckpt.restore_latest(abstract_like(state, shardings), loader, log)
   writer_path = os.path.join(workdir, "metrics.jsonl")
   if restored is not None:
     state = restored
     log(f"resumed from step {start} ({int(state.tokens):,} tokens seen)")
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # every check has passed: the workdir now holds this run
+    write_json(os.path.join(workdir, "config.json"), config.to_dict())
     truncate_jsonl(writer_path, start)
   writer = MetricWriter(workdir, tensorboard=config.train.tensorboard and jax.process_index() == 0)
 
@@ -122,6 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
   num_steps, T = config.train.num_steps, config.data.seq_len
   tokens_seen = int(state.tokens)
   window_t, window_tokens, window_start = time.time(), 0, start
+  saved = start  # the newest step with a checkpoint
   pending = None  # (step, metrics) of the previous step: checked one step late so the host never stalls the device
 
   def check(step_done: int, metrics: dict) -> dict:
@@ -171,6 +183,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
       report(*pending)  # a checkpoint is only written after its step is known to be finite
       pending = None
       ckpt.save(step + 1, state, loader)
+      saved = step + 1
+    if stop.requested() and step + 1 < num_steps:
+      if pending is not None:
+        report(*pending)
+      if saved != step + 1:
+        ckpt.save(step + 1, state, loader, force=True)
+      ckpt.close()
+      writer.close()
+      log(f"stopped by {stop.signal or 'a signal on another process'} after step {step + 1} with a checkpoint; "
+          "rerun the same command to resume")
+      return {"preempted": step + 1, "signal": stop.signal}
     if config.train.eval_every and (step + 1) % config.train.eval_every == 0 and step + 1 < num_steps:
       ev = evaluate(eval_step, state.params, state.router_bias, val_rows, local_batch, token_bytes,
                     config.train.eval_batches, put=put)
