@@ -11,12 +11,14 @@ a target once (moe_jax.inference.scoring).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags, logging
 
 from moe_jax.inference.scoring import evaluate_perplexity
 from moe_jax.restore import load_model
+from moe_jax.training.checkpoint import CheckpointsUnreadable, quiet_orbax_errors
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (hf:DIR checkpoints carry no tokenizer).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -27,19 +29,31 @@ _BATCH = flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 
+flags.register_validator("batch_size", lambda v: v >= 1, "--batch_size must be >= 1")
+flags.register_validator("seq_len", lambda v: v is None or v >= 1, "--seq_len must be >= 1 (omit it for the default)")
+
+
 def read_documents(path: str, text_field: str) -> list[bytes]:
+  """The documents of `path`; raises ValueError naming file:line for a bad JSON line, and for a file with no text."""
   if not path.endswith(".jsonl"):
     with open(path, "rb") as f:
-      return [f.read()]
-  docs = []
-  with open(path, "rb") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      obj = json.loads(line)
-      if not isinstance(obj.get(text_field), str):
-        raise ValueError(f"{path}:{n}: no string field {text_field!r} (fields: {sorted(obj)})")
-      docs.append(obj[text_field].encode())
+      docs = [f.read()]
+  else:
+    docs = []
+    with open(path, "rb") as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+          raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+          fields = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+          raise ValueError(f"{path}:{n}: no string field {text_field!r} (fields: {fields})")
+        docs.append(obj[text_field].encode())
+  if not any(docs):
+    raise ValueError(f"{path} holds no text to score (perplexity needs at least one token)")
   return docs
 
 
@@ -47,10 +61,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  model = load_model(_CHECKPOINT.value, step=_STEP.value)
+  try:
+    texts = read_documents(_DATA.value, _TEXT_FIELD.value)
+  except (OSError, ValueError) as e:
+    print(f"ERROR: {e}", file=sys.stderr, flush=True)
+    os._exit(1)  # noqa: SLF001
+  quiet_orbax_errors()  # a checkpoint that does not restore is reported in a few lines, not Orbax's tracebacks
+  try:
+    model = load_model(_CHECKPOINT.value, step=_STEP.value, log=lambda m: print(m, file=sys.stderr, flush=True))
+  except (CheckpointsUnreadable, FileNotFoundError, ValueError) as e:
+    print(f"ERROR: {e}", file=sys.stderr, flush=True)
+    os._exit(1)  # noqa: SLF001 - no interpreter teardown under Orbax's background threads
   if model.tokenizer is None:
     raise app.UsageError(f"{_CHECKPOINT.value} carries no tokenizer moe_jax can read; use a training workdir")
-  texts = read_documents(_DATA.value, _TEXT_FIELD.value)
   tok = model.tokenizer
   docs = [[tok.bos_id] + tok.encode(t).tolist() for t in texts]
   log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731

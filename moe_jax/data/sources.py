@@ -170,7 +170,11 @@ class ParquetSource:
     self.files, self.text_field = list(files), text_field
     self.groups: list[tuple[int, int, int]] = []  # (file number, row group, rows)
     for fi, path in enumerate(self.files):
-      meta = pq.ParquetFile(path)
+      try:
+        meta = pq.ParquetFile(path)
+      except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid and OSError name neither the file nor the source
+        raise ValueError(f"config.data.source='parquet': {path} is not a readable Parquet file "
+                         f"({type(e).__name__}: {e})") from None
       if text_field not in meta.schema_arrow.names:
         raise ValueError(f"config.data.text_field={text_field!r} is not a column of {path} "
                          f"(columns: {meta.schema_arrow.names})")

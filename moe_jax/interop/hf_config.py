@@ -45,8 +45,31 @@ def _rope_from_hf(hf: dict) -> tuple[float, Any]:
   )
 
 
+# Sizes that must be integers >= 1 / >= 0 (a float like 64.9 is an error, not truncated).
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+             "n_routed_experts", "num_experts_per_tok", "moe_layer_freq", "max_position_embeddings")
+_NON_NEGATIVE = ("n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers", "num_mtp_layers")
+
+
+def check_sizes(hf: dict) -> None:
+  """Raises ValueError naming the field when a size in config.json is not an integer in range."""
+  for names, low in ((_POSITIVE, 1), (_NON_NEGATIVE, 0)):
+    for name in names:
+      v = hf.get(name)
+      if v is None:
+        continue
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < low:
+        raise ValueError(f"config.json {name}={v!r} must be an integer >= {low}")
+  for name in ("q_lora_rank", "n_group", "topk_group"):
+    v = hf.get(name)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < 1):
+      raise ValueError(f"config.json {name}={v!r} must be an integer >= 1 or null")
+
+
 def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
-  """A moe_jax model config from a parsed DeepseekV2/V3 config.json."""
+  """A moe_jax model config from a parsed DeepseekV2/V3 config.json (sizes checked by `check_sizes`)."""
+  check_sizes(hf)
   model_type = hf.get("model_type")
   if model_type not in MODEL_TYPES:
     raise ValueError(f"config.json model_type={model_type!r} is not one of {MODEL_TYPES}")

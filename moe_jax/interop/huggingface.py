@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from typing import Any
@@ -64,6 +65,7 @@ def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> t
   cfg.dtype = cfg.param_dtype = jnp.dtype(dtype).name
   ckpt = SafetensorsCheckpoint(path)
   keys = set(ckpt.keys())
+  _check_sizes_against_tensors(path, cfg, ckpt)  # before anything is allocated from config.json's sizes
 
   n_mtp = mtp_layers_present(keys, cfg)
   if cfg.num_nextn_predict_layers and n_mtp == 0:
@@ -125,6 +127,48 @@ def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> t
   for p in list(buffers):  # hand buffers to JAX one at a time, freeing each host copy
     variables.setdefault(collection_of(p), {})[p] = jax.device_put(buffers.pop(p))
   return cfg, {k: unflatten_dict(v) for k, v in variables.items()}
+
+
+def _check_sizes_against_tensors(path: str, cfg: Any, ckpt: SafetensorsCheckpoint) -> None:
+  """config.json's layer count, expert count, vocabulary and width against the tensors the files hold, from the
+  names and headers alone. Building the layout or the parameter shapes of a config claiming 4,000,000 experts or
+  100,000 layers would take minutes and gigabytes before any mismatch showed."""
+  layers, experts = set(), set()
+  for key in ckpt.keys():
+    m = re.match(r"model\.layers\.(\d+)\.(?:mlp\.experts\.(\d+)\.)?", key)
+    if m:
+      layers.add(int(m.group(1)))
+      if m.group(2) is not None:
+        experts.add(int(m.group(2)))
+  problems = []
+  main = {i for i in layers if i < cfg.num_hidden_layers}
+  if len(main) != cfg.num_hidden_layers or len(layers) > cfg.num_hidden_layers + max(cfg.num_nextn_predict_layers, 0):
+    problems.append(f"num_hidden_layers={cfg.num_hidden_layers} (+{cfg.num_nextn_predict_layers} MTP), but the "
+                    f"tensors hold layers {_ranges(layers)}")
+  moe_layers = cfg.num_hidden_layers > cfg.first_k_dense_replace
+  if moe_layers and experts and (len(experts) != cfg.n_routed_experts or max(experts) != cfg.n_routed_experts - 1):
+    problems.append(f"n_routed_experts={cfg.n_routed_experts}, but the tensors hold experts {_ranges(experts)}")
+  if moe_layers and not experts and cfg.n_routed_experts:
+    problems.append(f"n_routed_experts={cfg.n_routed_experts}, but the tensors hold no expert")
+  if "model.embed_tokens.weight" in ckpt:
+    got = ckpt.shape("model.embed_tokens.weight")
+    if got != (cfg.vocab_size, cfg.hidden_size):
+      problems.append(f"vocab_size x hidden_size = {(cfg.vocab_size, cfg.hidden_size)}, but "
+                      f"model.embed_tokens.weight is {got}")
+  if problems:
+    raise ValueError(f"{path}: config.json does not match the tensors:\n  " + "\n  ".join(problems))
+
+
+def _ranges(ids: set) -> str:
+  if not ids:
+    return "none"
+  ids, out, start = sorted(ids), [], None
+  for i, v in enumerate(ids):
+    start = v if start is None else start
+    if i + 1 == len(ids) or ids[i + 1] != v + 1:
+      out.append(f"{start}" if start == v else f"{start}..{v}")
+      start = None
+  return ", ".join(out[:6]) + (" ..." if len(out) > 6 else "")
 
 
 def save(config: Any, variables: Any, path: str, *, dtype: Any = None, max_shard_bytes: int = 4 << 30,

@@ -1,9 +1,13 @@
 """Reading and writing safetensors checkpoints tensor by tensor, FP8 and bfloat16 included.
 
-safetensors' own numpy backend cannot decode BF16 or F8_E4M3 (numpy has neither dtype), and the torch backend
-would make torch a runtime dependency, so the (simple, documented) format is read here: an 8-byte
-little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the raw bytes. Tensors
-are memory-mapped, so reading one does not load the file.
+Every file is first validated by the `safetensors` package's own parser (`safe_open`: header length within the
+file, valid JSON, known dtypes, dtype x shape = byte length, byte ranges contiguous from the start of the data
+section to its end -- no overlap, no gap, nothing pointing into the header), and its error is reported with the
+file's name. The byte decoding is done here because safetensors' numpy backend cannot return BF16 or F8_E4M3
+(numpy has neither dtype) and its torch backend would make torch a runtime dependency: the header is read again
+for the offsets (8-byte little-endian length, JSON {name: {dtype, shape, data_offsets}}, raw bytes), checked
+once more tensor by tensor so an error names the tensor, and tensors are memory-mapped, so reading one does not
+load the file.
 """
 
 from __future__ import annotations
@@ -52,12 +56,58 @@ def write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, st
   return 8 + len(blob) + offset
 
 
+class InvalidSafetensors(ValueError):
+  """A file that breaks the safetensors format's rules; the message names the file (and tensor)."""
+
+
+def _check_tensors(path: str, header: dict, data_len: int) -> None:
+  """The format's rules, tensor by tensor, with the tensor named: known dtype, non-negative integer shape,
+  dtype x shape = byte length, and ranges that tile [0, data_len) exactly."""
+  ranges = []
+  for name, info in header.items():
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+      raise InvalidSafetensors(f"{where}: entry {info!r} lacks dtype/shape/data_offsets")
+    if info["dtype"] not in _DTYPES:
+      raise InvalidSafetensors(f"{where}: dtype {info['dtype']!r} is not one of {sorted(_DTYPES)}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+      raise InvalidSafetensors(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_len):
+      raise InvalidSafetensors(f"{where}: data_offsets {offsets!r} are not a range inside the {data_len}-byte "
+                               "data section")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[info["dtype"]]).itemsize
+    if offsets[1] - offsets[0] != nbytes:
+      raise InvalidSafetensors(f"{where}: {offsets[1] - offsets[0]} bytes in data_offsets, but {info['dtype']} "
+                               f"{shape} needs {nbytes}")
+    ranges.append((offsets[0], offsets[1], name))
+  end = 0
+  for begin, stop, name in sorted(ranges):
+    if begin != end:
+      what = "overlaps the tensor before it" if begin < end else f"leaves a gap of {begin - end} bytes before it"
+      raise InvalidSafetensors(f"{path}: tensor {name!r} at bytes {begin}..{stop} {what}")
+    end = stop
+  if end != data_len:
+    raise InvalidSafetensors(f"{path}: the tensors cover {end} of the {data_len}-byte data section")
+
+
 def read_header(path: str) -> tuple[dict, int]:
-  """(header without __metadata__, byte offset of the data section)."""
+  """(header without __metadata__, byte offset of the data section), after validating the whole file's layout.
+  Raises InvalidSafetensors naming the file (and the tensor where one is at fault)."""
+  from safetensors import safe_open  # the format's reference parser
+
+  size = os.path.getsize(path)
+  try:
+    with safe_open(path, framework="numpy"):
+      pass
+  except Exception as e:  # noqa: BLE001 - SafetensorError and friends: reported with the file's name
+    raise InvalidSafetensors(f"{path}: not a valid safetensors file ({size} bytes): {e}") from None
   with open(path, "rb") as f:
     (n,) = struct.unpack("<Q", f.read(8))
     header = json.loads(f.read(n))
   header.pop("__metadata__", None)
+  _check_tensors(path, header, size - 8 - n)
   return header, 8 + n
 
 
