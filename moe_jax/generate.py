@@ -12,14 +12,12 @@ acceptance_rate when speculative, seconds; the first call's seconds include comp
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app, flags, logging
 
 from moe_jax.inference import Generator, Sampling
-from moe_jax.restore import load_model
-from moe_jax.training.checkpoint import CheckpointsUnreadable, quiet_orbax_errors
+from moe_jax.cli import load_model_or_exit
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, or hf:DIR for a published-format checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the newest).")
@@ -55,12 +53,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs its restore at INFO
-  quiet_orbax_errors()  # a checkpoint that does not restore is reported in a few lines, not Orbax's tracebacks
-  try:
-    model = load_model(_CHECKPOINT.value, step=_STEP.value, log=lambda m: print(m, file=sys.stderr, flush=True))
-  except (CheckpointsUnreadable, FileNotFoundError, ValueError) as e:
-    print(f"ERROR: {e}", file=sys.stderr, flush=True)
-    os._exit(1)  # noqa: SLF001 - no interpreter teardown under Orbax's background threads
+  model = load_model_or_exit(_CHECKPOINT.value, _STEP.value)
   prompt = _prompt_ids(model.tokenizer)
   gen = Generator(model.variables, model.config, max_len=_MAX_LEN.value, absorb=not _NAIVE.value)
   result = gen.generate([prompt], max_new_tokens=_MAX_NEW.value,

@@ -11,14 +11,12 @@ a target once (moe_jax.inference.scoring).
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app, flags, logging
 
 from moe_jax.inference.scoring import evaluate_perplexity
-from moe_jax.restore import load_model
-from moe_jax.training.checkpoint import CheckpointsUnreadable, quiet_orbax_errors
+from moe_jax.cli import fail, load_model_or_exit
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (hf:DIR checkpoints carry no tokenizer).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -64,14 +62,8 @@ def main(argv):
   try:
     texts = read_documents(_DATA.value, _TEXT_FIELD.value)
   except (OSError, ValueError) as e:
-    print(f"ERROR: {e}", file=sys.stderr, flush=True)
-    os._exit(1)  # noqa: SLF001
-  quiet_orbax_errors()  # a checkpoint that does not restore is reported in a few lines, not Orbax's tracebacks
-  try:
-    model = load_model(_CHECKPOINT.value, step=_STEP.value, log=lambda m: print(m, file=sys.stderr, flush=True))
-  except (CheckpointsUnreadable, FileNotFoundError, ValueError) as e:
-    print(f"ERROR: {e}", file=sys.stderr, flush=True)
-    os._exit(1)  # noqa: SLF001 - no interpreter teardown under Orbax's background threads
+    fail(e)
+  model = load_model_or_exit(_CHECKPOINT.value, _STEP.value)
   if model.tokenizer is None:
     raise app.UsageError(f"{_CHECKPOINT.value} carries no tokenizer moe_jax can read; use a training workdir")
   tok = model.tokenizer

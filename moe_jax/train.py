@@ -10,12 +10,11 @@ checkpoints/, tensorboard/, tokenizer.json, config.json}.
 
 from __future__ import annotations
 
-import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from moe_jax.cli import fail
 from moe_jax.data.packing import NoUsableDocuments
 from moe_jax.training import TrainingDiverged, train_and_evaluate
 from moe_jax.training.checkpoint import CheckpointsUnreadable, CheckpointWriteError, quiet_orbax_errors
@@ -37,9 +36,7 @@ def main(argv):
   try:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except tuple(_EXIT_CODES) as e:
-    print(f"ERROR: {e}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(_EXIT_CODES[type(e)])  # noqa: SLF001 - no interpreter teardown under Orbax's background threads
+    fail(e, _EXIT_CODES[type(e)])
   if "preempted" in result:
     print(f"preempted by {result['signal']} at step {result['preempted']}: checkpoint saved", flush=True)
 

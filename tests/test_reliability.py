@@ -198,6 +198,22 @@ def test_sigterm_saves_exits_zero_and_resumes_identically_and_a_second_trainer_i
   assert sorted(b) == list(range(1, 25)) and a == b  # bit-identical per-step losses
 
 
+def test_the_first_ctrl_c_requests_a_stop_and_the_second_interrupts():
+  import threading
+  from moe_jax.training.preemption import StopOnSignal
+  if threading.current_thread() is not threading.main_thread():
+    pytest.skip("signal handlers can only be installed from the main thread")
+  logs, before = [], signal.getsignal(signal.SIGINT)
+  with StopOnSignal(logs.append) as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)  # the handler runs at the next bytecode boundary
+    assert stop.requested() and stop.signal == "SIGINT" and "Ctrl-C again" in logs[0]
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert signal.getsignal(signal.SIGINT) is before  # restored on exit
+
+
 def test_a_dead_holders_lock_is_stale_and_taken_over(tmp_path):
   from moe_jax.training.workdir import WorkdirLock
   holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
