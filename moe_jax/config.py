@@ -20,7 +20,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCHES = ("dropless", "capacity")
 DECODE_ATTENTIONS = ("absorbed", "naive")
-GMM_BACKENDS = ("auto", "tiled", "ragged_dot", "pallas_tpu", "pallas_mosaic_gpu", "reference")  # kernels.BACKENDS
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")  # "auto" + kernels.attention.ATTENTION_IMPLS
+GMM_BACKENDS = ("auto", "tiled", "ragged_dot", "megablox", "mgpu_ragged_dot", "pallas_tpu", "pallas_mosaic_gpu",
+                "reference")  # "auto" + kernels.BACKENDS
 HIDDEN_ACTS = ("silu",)
 ROPE_SCALING_TYPES = ("yarn",)
 
@@ -93,17 +95,23 @@ def base_model_config() -> ml_collections.ConfigDict:
   c.moe_dispatch = "dropless"  # dropless (sort + grouped matmul) | capacity (GShard token dropping baseline)
   c.capacity_factor = 1.25  # with capacity dispatch: slots per expert = ceil(factor * tokens * K / N_r)
   c.gmm_backend = "auto"  # grouped matmul: auto (validated default per platform) | tiled | ragged_dot |
-  #                        pallas_tpu | pallas_mosaic_gpu (experimental, opt-in) | reference; see moe_jax.kernels
+  #                        megablox (jax's TPU kernel) | mgpu_ragged_dot (jax's Hopper kernel) | pallas_tpu |
+  #                        pallas_mosaic_gpu (ours, experimental) | reference; see moe_jax.kernels
   c.ep_capacity_factor = 0.0  # expert parallelism: all-to-all rows per destination = factor * copies / ways;
   #                             <= 0 = all copies (never overflows); overflow is counted in dropped_fraction
   c.pad_vocab_to_multiple_of = 128  # embedding/head rows padded to a multiple of this, so `tensor` can split them
   #                                   (Megatron's make-vocab-size-divisible-by); padding ids never get a logit
   c.decode_attention = "absorbed"  # MLA over the latent cache: absorbed (W_UK/W_UV folded in) | naive (checking)
+  c.attention_impl = "auto"  # attention without a cache (training, scoring): auto (per platform) | xla (einsum,
+  #                           full [B,H,T,T] scores; the reference) | blockwise (flash-style, O(T) memory) |
+  #                           cudnn (NVIDIA GPUs) | splash (TPUs); see moe_jax.kernels.attention
+  c.attention_block_size = 512  # blockwise: query and key tile length (a call of T <= this is one tile)
   return c
 
 
 # Fields added after workdirs were first written, with the value that reproduces how those runs were built.
-_LEGACY_DEFAULTS = {"pad_vocab_to_multiple_of": 1, "decode_attention": "absorbed"}
+_LEGACY_DEFAULTS = {"pad_vocab_to_multiple_of": 1, "decode_attention": "absorbed", "attention_impl": "xla",
+                    "attention_block_size": 512}
 
 
 def complete_model_config(c: Any) -> ml_collections.ConfigDict:
@@ -170,6 +178,8 @@ def validate_model_config(c: Any) -> None:
   _one_of(c, "moe_dispatch", MOE_DISPATCHES)
   _one_of(c, "gmm_backend", GMM_BACKENDS)
   _one_of(c, "decode_attention", DECODE_ATTENTIONS)
+  _one_of(c, "attention_impl", ATTENTION_IMPLS)
+  _positive_int(c, "attention_block_size")
   _positive_int(c, "pad_vocab_to_multiple_of")
   _require(not c.attention_bias, "attention_bias=True is not supported (no DeepSeek release uses it)")
   _require(c.num_experts_per_tok <= c.n_routed_experts,

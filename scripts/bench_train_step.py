@@ -1,6 +1,8 @@
-"""Times the full train step (forward, backward, AdamW, bias update) of an experiment config per gmm backend.
+"""Times the full train step (forward, backward, AdamW, bias update) of an experiment config per gmm backend and
+attention backend.
 
-    python scripts/bench_train_step.py --config=configs/default.py [--backends=tiled,ragged_dot] [--steps=5] [--json]
+    python scripts/bench_train_step.py --config=configs/default.py [--backends=tiled,ragged_dot]
+                                       [--attention=auto] [--steps=5] [--json]
 
 Prints ms/step, tokens/s and the ratio to the first backend, measured in one run (these machines are noisy:
 compare ratios, not absolute numbers across runs). Random tokens, full rows, the config's batch and length.
@@ -27,13 +29,15 @@ from moe_jax.training.step import make_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config.")
 _BACKENDS = flags.DEFINE_list("backends", ["tiled", "ragged_dot"], "gmm backends to compare.")
+_ATTENTION = flags.DEFINE_list("attention", ["auto"], "attention_impl values to compare (each with every backend).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per backend (after one compile step).")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON rows instead of a table.")
 
 
-def time_backend(config, backend: str, steps: int) -> dict:
+def time_backend(config, backend: str, steps: int, attention: str = "auto") -> dict:
   config = config.copy_and_resolve_references()
   config.model.gmm_backend = backend
+  config.model.attention_impl = attention
   model, mesh, rules = Transformer(config.model), make_mesh(config.mesh), rules_of(config.mesh)
   state, shardings, tx = create_train_state(model, config.train, mesh, rules, 0)
   step = make_train_step(model, config, tx, config.train.num_steps, mesh, rules, shardings)
@@ -50,23 +54,23 @@ def time_backend(config, backend: str, steps: int) -> dict:
     state, m = step(state, batch)
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t0) / steps
-  return {"backend": backend, "ms_per_step": 1000 * dt, "tokens_per_sec": B * T / dt, "compile_s": compile_s,
+  return {"backend": backend, "attention": attention, "ms_per_step": 1000 * dt, "tokens_per_sec": B * T / dt, "compile_s": compile_s,
           "experts": config.model.n_routed_experts, "tokens_per_step": B * T, "device": jax.devices()[0].device_kind,
           "jax": jax.__version__}
 
 
 def main(argv):
   del argv
-  rows = [time_backend(_CONFIG.value, b, _STEPS.value) for b in _BACKENDS.value]
+  rows = [time_backend(_CONFIG.value, b, _STEPS.value, a) for b in _BACKENDS.value for a in _ATTENTION.value]
   for r in rows:
     r["ratio_to_first"] = r["ms_per_step"] / rows[0]["ms_per_step"]
   if _JSON.value:
     for r in rows:
       print(json.dumps(r))
     return
-  print(f"{'backend':<12} {'ms/step':>9} {'tokens/s':>10} {'ratio':>7} {'compile s':>10}   ({rows[0]['device']}, jax {rows[0]['jax']})")
+  print(f"{'backend':<12} {'attention':<10} {'ms/step':>9} {'tokens/s':>10} {'ratio':>7} {'compile s':>10}   ({rows[0]['device']}, jax {rows[0]['jax']})")
   for r in rows:
-    print(f"{r['backend']:<12} {r['ms_per_step']:>9.0f} {r['tokens_per_sec']:>10,.0f} {r['ratio_to_first']:>7.2f} {r['compile_s']:>10.1f}")
+    print(f"{r['backend']:<12} {r['attention']:<10} {r['ms_per_step']:>9.0f} {r['tokens_per_sec']:>10,.0f} {r['ratio_to_first']:>7.2f} {r['compile_s']:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax.kernels import BACKENDS, interpret_kernels
+from moe_jax.kernels import SIMULATABLE, interpret_kernels
 from moe_jax.layers.dispatch import capacity_dispatch, dropless_dispatch, expert_capacity
 from numpy_reference import silu
 
@@ -36,7 +36,7 @@ def _routing(T=24, K=2, E=6, seed=0, skip=(1, 4)):
   return idx, rng.random((T, K)).astype(np.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SIMULATABLE)
 def test_dropless_matches_loop_reference_with_empty_experts(backend):
   wg, wu, wd = _experts()
   idx, w = _routing()
@@ -49,7 +49,7 @@ def test_dropless_matches_loop_reference_with_empty_experts(backend):
   np.testing.assert_allclose(y, _np_moe(x, idx, w, wg, wu, wd), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in SIMULATABLE if b != "reference"])
 def test_dropless_gradients_equal_reference(backend):
   """Gradients through permute, gmm's custom vjp and unpermute equal autodiff of the loop-over-experts gmm."""
   wg, wu, wd = _experts()

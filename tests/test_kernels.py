@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moe_jax import kernels
-from moe_jax.kernels import BACKENDS, gmm, interpret_kernels, pallas_mosaic_gpu, pallas_tpu, tgmm
+from moe_jax.kernels import SIMULATABLE, gmm, interpret_kernels, pallas_mosaic_gpu, pallas_tpu, tgmm
 
 # Group sizes: empty experts, one huge expert, sizes that are no multiple of any tile, all empty.
 CASES = [[3, 0, 5, 0, 4], [0, 0, 150, 0, 0], [1, 70, 0, 129, 5], [0, 0, 0]]
@@ -41,7 +41,7 @@ def _draw(sizes, K, N, dtype, seed):
   return lhs, rhs, cot
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SIMULATABLE)
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_gmm_forward_and_both_gradients_match_float64_loop(backend, case):
   sizes = CASES[case]
@@ -65,7 +65,7 @@ def test_gmm_forward_and_both_gradients_match_float64_loop(backend, case):
   np.testing.assert_allclose(g_rhs, _np_tgmm(lhs, cot_live, sizes), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SIMULATABLE)
 def test_gmm_bfloat16_inputs_float32_accumulation(backend):
   sizes = [40, 0, 90, 1]
   lhs, rhs, cot = _draw(sizes, 64, 32, jnp.bfloat16, 7)
@@ -168,15 +168,18 @@ def test_permute_unpermute_values_and_gradients():
 def test_backend_errors_name_backend_and_platform():
   with pytest.raises(ValueError, match=r"gmm backend 'triton' is not one of .* \(platform 'cpu'\)"):
     gmm(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.asarray([2]), backend="triton")
-  for backend in ("pallas_tpu", "pallas_mosaic_gpu"):
+  for backend in ("pallas_tpu", "pallas_mosaic_gpu", "megablox", "mgpu_ragged_dot"):
     with pytest.raises(ValueError, match=rf"gmm backend '{backend}' cannot run on platform 'cpu'"):
       gmm(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.asarray([2]), backend=backend)
+  with interpret_kernels(), pytest.raises(ValueError, match="no interpret mode"):
+    gmm(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.asarray([2]), backend="mgpu_ragged_dot")
 
 
 def test_auto_picks_only_validated_backends():
   assert kernels.resolve_backend("auto", "cpu") == "tiled"
-  for platform in ("gpu", "cuda", "tpu"):
+  for platform in ("gpu", "cuda"):
     assert kernels.resolve_backend("auto", platform) == "ragged_dot"  # experimental kernels stay opt-in
+  assert kernels.resolve_backend("auto", "tpu") == "megablox"  # upstream's TPU kernel, run here in interpret mode
 
 
 def test_tiled_gmm_traces_once_per_shape():

@@ -10,11 +10,16 @@ Backends (`BACKENDS`):
   CPU, validated on CPU.
 - "ragged_dot": `jax.lax.ragged_dot` (JAX's own AD). On CPU it computes every group densely (cost ~ E x the
   active FLOPs); on GPU/TPU the compiler decides. Default on GPU (run on a lent H100 in issue #2's session; see
-  docs/benchmarks.md) and on TPU (XLA's own lowering; no TPU has been lent to this project).
-- "pallas_tpu": megablox-style Pallas TPU kernel (`pallas_tpu.py`). EXPERIMENTAL: checked only in the TPU
-  interpreter on CPU; never run on a TPU. Opt-in.
+  docs/benchmarks.md): the only GPU backend validated on a Hopper so far.
+- "megablox": jax's own Pallas TPU kernels (`jax.experimental.pallas.ops.tpu.megablox` gmm/tgmm, what MaxText
+  runs; `megablox.py`). Default on TPU: upstream ships it as the TPU kernel and our tests ran it in the TPU
+  interpreter on CPU (no TPU has been lent to this project).
+- "mgpu_ragged_dot": jax's own Pallas Mosaic GPU kernels for Hopper (`ragged_dot_mgpu` /
+  `transposed_ragged_dot_mgpu`; `mgpu_ragged_dot.py`). Opt-in until it has run on a lent Hopper.
+- "pallas_tpu": our megablox-style Pallas TPU kernel (`pallas_tpu.py`), kept to compare side by side.
+  EXPERIMENTAL: checked only in the TPU interpreter on CPU; never run on a TPU. Opt-in.
 - "pallas_mosaic_gpu": Pallas Mosaic GPU (Hopper wgmma) kernel (`pallas_mosaic_gpu.py`). EXPERIMENTAL: opt-in
-  until it has been validated on a lent H100 (see docs/benchmarks.md).
+  until it has been validated on a lent H100 (see docs/benchmarks.md). Kept to compare with jax's own.
 - "reference": a loop over experts of masked dense matmuls (E dense matmuls). Only an independent check.
 
 Rows past sum(group_sizes) belong to no group: their output (and their lhs gradient) is zero.
@@ -23,45 +28,39 @@ Pallas backends run on CPU only in interpret mode: pass `interpret=True` or use 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 
-from moe_jax.kernels import pallas_tpu, xla_tiled
+from moe_jax.kernels import megablox, pallas_tpu, xla_tiled
+from moe_jax.kernels.interpret import interpret_kernels, interpreting
 from moe_jax.kernels.vma import match_varying
 
-BACKENDS = ("tiled", "ragged_dot", "pallas_tpu", "pallas_mosaic_gpu", "reference")
+BACKENDS = ("tiled", "ragged_dot", "megablox", "mgpu_ragged_dot", "pallas_tpu", "pallas_mosaic_gpu", "reference")
 # Where each backend runs natively. Pallas backends also run anywhere in interpret mode (slow; for tests).
-_NATIVE = {"tiled": None, "ragged_dot": None, "reference": None, "pallas_tpu": ("tpu",),
-           "pallas_mosaic_gpu": ("gpu", "cuda")}
+_NATIVE = {"tiled": None, "ragged_dot": None, "reference": None, "pallas_tpu": ("tpu",), "megablox": ("tpu",),
+           "pallas_mosaic_gpu": ("gpu", "cuda"), "mgpu_ragged_dot": ("gpu", "cuda")}
+_NO_INTERPRET = ("mgpu_ragged_dot",)  # Mosaic GPU kernels written for hardware only
+SIMULATABLE = tuple(b for b in BACKENDS if b not in _NO_INTERPRET)  # run on CPU (Pallas ones interpreted)
 # `auto` picks only backends validated on that platform (experimental kernels are opt-in).
-_AUTO = {"cpu": "tiled", "gpu": "ragged_dot", "cuda": "ragged_dot", "rocm": "ragged_dot", "tpu": "ragged_dot"}
+_AUTO = {"cpu": "tiled", "gpu": "ragged_dot", "cuda": "ragged_dot", "rocm": "ragged_dot", "tpu": "megablox"}
 
-_INTERPRET = contextvars.ContextVar("moe_jax_gmm_interpret", default=False)
-
-
-@contextlib.contextmanager
-def interpret_kernels(enabled: bool = True):
-  """Within this context, Pallas gmm backends run in Pallas interpret mode (CPU simulation, for tests)."""
-  token = _INTERPRET.set(enabled)
-  try:
-    yield
-  finally:
-    _INTERPRET.reset(token)
+__all__ = ["BACKENDS", "SIMULATABLE", "gmm", "interpret_kernels", "resolve_backend", "tgmm"]
 
 
 def resolve_backend(backend: str, platform: str | None = None, interpret: bool | None = None) -> str:
   """Maps "auto" to the platform's validated default; raises if `backend` is unknown or cannot run here."""
   platform = platform or jax.default_backend()
-  interpret = _INTERPRET.get() if interpret is None else interpret
+  interpret = interpreting() if interpret is None else interpret
   if backend == "auto":
     return _AUTO.get(platform, "tiled")
   if backend not in BACKENDS:
     raise ValueError(f"gmm backend {backend!r} is not one of {('auto',) + BACKENDS} (platform {platform!r})")
   native = _NATIVE[backend]
+  if native is not None and platform not in native and backend in _NO_INTERPRET:
+    raise ValueError(f"gmm backend {backend!r} cannot run on platform {platform!r} (it needs {native[0]}, and has "
+                     "no interpret mode); use backend='auto' or 'tiled'")
   if native is not None and platform not in native and not interpret:
     raise ValueError(f"gmm backend {backend!r} cannot run on platform {platform!r} (it needs {native[0]}); "
                      "use backend='auto' or 'tiled', or interpret=True / moe_jax.kernels.interpret_kernels() to "
@@ -87,6 +86,11 @@ def _impl(backend: str, interpret: bool):
     return xla_tiled.gmm, xla_tiled.tgmm
   if backend == "pallas_tpu":
     return (partial(pallas_tpu.gmm, interpret=interpret), partial(pallas_tpu.tgmm, interpret=interpret))
+  if backend == "megablox":
+    return (partial(megablox.gmm, interpret=interpret), partial(megablox.tgmm, interpret=interpret))
+  if backend == "mgpu_ragged_dot":
+    from moe_jax.kernels import mgpu_ragged_dot  # imports Mosaic GPU modules only when asked for
+    return mgpu_ragged_dot.gmm, mgpu_ragged_dot.tgmm
   from moe_jax.kernels import pallas_mosaic_gpu  # imports Mosaic GPU modules only when asked for
   return (partial(pallas_mosaic_gpu.gmm, interpret=interpret), partial(pallas_mosaic_gpu.tgmm, interpret=interpret))
 
@@ -128,7 +132,7 @@ def gmm(lhs_MI, rhs_EIO, group_sizes_E, *, backend: str = "auto", preferred_elem
   sum(group_sizes_E) are zero."""
   _check(lhs_MI, rhs_EIO, group_sizes_E)
   out_dtype = jnp.dtype(preferred_element_type or lhs_MI.dtype)
-  interpret = _INTERPRET.get() if interpret is None else interpret
+  interpret = interpreting() if interpret is None else interpret
   group_sizes_E = group_sizes_E.astype(jnp.int32)
   backend = resolve_backend(backend, interpret=interpret)
   if backend == "reference":
@@ -148,7 +152,7 @@ def tgmm(lhs_MI, dout_MO, group_sizes_E, *, backend: str = "auto", preferred_ele
     raise ValueError(f"tgmm expects lhs [M,I], dout [M,O], group_sizes [E]; got {lhs_MI.shape}, "
                      f"{dout_MO.shape}, {group_sizes_E.shape}")
   out_dtype = jnp.dtype(preferred_element_type or lhs_MI.dtype)
-  interpret = _INTERPRET.get() if interpret is None else interpret
+  interpret = interpreting() if interpret is None else interpret
   group_sizes_E = group_sizes_E.astype(jnp.int32)
   backend = resolve_backend(backend, interpret=interpret)
   if backend in ("reference", "ragged_dot"):

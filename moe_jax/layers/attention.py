@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.config import softmax_scale
+from moe_jax.kernels.attention import attend, resolve_attention
 from moe_jax.layers.base import as_dtype, constrain, normal_init, param
 from moe_jax.layers.norm import RMSNorm
 from moe_jax.layers.rope import apply_rope, rope_cos_sin
@@ -55,7 +56,8 @@ class AttentionInputs(NamedTuple):
   """What every MLA layer of one call shares: RoPE at the tokens' positions and the masks."""
   cos_BTR: jax.Array
   sin_BTR: jax.Array
-  mask_B1TT: jax.Array  # bool: token t sees token t' of the same call
+  segment_ids_BT: jax.Array  # token t sees token t' <= t of the call with the same id
+  mask_B1TT: jax.Array | None  # bool: that as a [T, T] mask (None: a kernel backend reads segment_ids instead)
   cached_B11S: jax.Array | None = None  # bool: the cache slots every token of the sequence sees (None: no cache)
 
 
@@ -68,12 +70,17 @@ def attention_mask(segment_ids_BT):
 
 
 def attention_inputs(cfg: Any, positions_BT, segment_ids_BT, cache_length_B=None, cache_slots: int = 0):
-  """AttentionInputs for a call; with `cache_length_B`, the first cache_length_b of `cache_slots` are visible."""
+  """AttentionInputs for a call; with `cache_length_B`, the first cache_length_b of `cache_slots` are visible.
+
+  The [B, 1, T, T] mask is built only for the einsum form (`attention_impl="xla"`, and every call over a cache).
+  """
   cos_BTR, sin_BTR = rope_cos_sin(cfg, positions_BT)
   cached = None
   if cache_length_B is not None:
     cached = (jnp.arange(cache_slots)[None, :] < cache_length_B[:, None])[:, None, None, :]
-  return AttentionInputs(cos_BTR, sin_BTR, attention_mask(segment_ids_BT), cached)
+  einsum_form = cache_length_B is not None or resolve_attention(cfg.attention_impl) == "xla"
+  return AttentionInputs(cos_BTR, sin_BTR, segment_ids_BT, attention_mask(segment_ids_BT) if einsum_form else None,
+                         cached)
 
 
 class MLA(nn.Module):
@@ -119,11 +126,18 @@ class MLA(nn.Module):
     q_nope_BTHN, q_rope_BTHR, new = self._project(x_BTD.astype(dtype), inputs)
     w_uk_CHN = param(self, "w_uk", (C, H, N), ("kv_lora", "heads", "qk_nope"), init, pdtype).astype(dtype)
     w_uv_CHA = param(self, "w_uv", (C, H, A), ("kv_lora", "heads", "v_head"), init, pdtype).astype(dtype)
-    blocks = [(new, inputs.mask_B1TT)]
-    if cache is not None:
-      blocks.insert(0, (LatentCache(cache.ckv_BSC.astype(dtype), cache.kpe_BSR.astype(dtype)), inputs.cached_B11S))
-    absorb = cache is not None and c.decode_attention == "absorbed"
-    o_BTHA = _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb, softmax_scale(c), dtype)
+    impl = "xla" if cache is not None else resolve_attention(c.attention_impl)
+    if impl != "xla":  # a kernel backend (moe_jax.kernels.attention): per-head keys and values, no [T, T] mask
+      k_nope_BTHN = jnp.einsum("btc,chn->bthn", new.ckv_BSC, w_uk_CHN)
+      v_BTHA = jnp.einsum("btc,cha->btha", new.ckv_BSC, w_uv_CHA)
+      o_BTHA = attend(impl, q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, new.kpe_BSR, v_BTHA, inputs.segment_ids_BT,
+                      scale=softmax_scale(c), block=c.attention_block_size)
+    else:
+      blocks = [(new, inputs.mask_B1TT)]
+      if cache is not None:
+        blocks.insert(0, (LatentCache(cache.ckv_BSC.astype(dtype), cache.kpe_BSR.astype(dtype)), inputs.cached_B11S))
+      absorb = cache is not None and c.decode_attention == "absorbed"
+      o_BTHA = _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb, softmax_scale(c), dtype)
     o_BTHA = constrain(o_BTHA, ("batch", "length", "heads", "v_head"))
     wo_HAD = param(self, "wo", (H, A, D), ("heads", "v_head", "embed"), init, pdtype)
     # One contracting dim (heads x value dims, a free reshape of both): with two, XLA's CPU layout assignment

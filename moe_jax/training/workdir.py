@@ -31,6 +31,7 @@ from moe_jax.config import complete_model_config
 RESUMABLE = (
     "train.num_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.tensorboard",
     "checkpoint.*", "mesh.*", "model.dtype", "model.remat_policy", "model.gmm_backend", "model.decode_attention",
+    "model.attention_impl", "model.attention_block_size",
     "model.max_position_embeddings",
 )  # fmt: skip
 RUN_FILES = ("checkpoints", "metrics.jsonl", "eval.json", "config.json", "tensorboard", "quarantine")

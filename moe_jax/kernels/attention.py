@@ -1,0 +1,57 @@
+"""Causal MLA self-attention backends for training and scoring: which one runs where.
+
+    o_t,h = sum_{s <= t, same document} softmax_s(scale * (q^C_t,h . k^C_s,h + q^R_t,h . k^R_s)) v_s,h
+
+`attend(impl, ...)` computes it for one call's T tokens (no cache) with
+- "blockwise": flash-style tiles in plain JAX, O(T * block) memory (`blockwise_attention.py`); every platform.
+- "cudnn": jax's cuDNN fused attention (`cudnn_attention.py`); NVIDIA GPUs only.
+- "splash": jax's Pallas TPU splash attention (`splash_attention.py`); TPUs, or anywhere in interpret mode.
+"xla" is the einsum form in `moe_jax.layers.attention` (the full [B, H, T, T] scores; the tests' reference), which
+also serves every call over a decode cache. "auto" (`resolve_attention`) picks, per platform, the backend that
+is validated there and fastest (docs/benchmarks.md): see `_AUTO`.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from moe_jax.kernels.blockwise_attention import blockwise_attention
+from moe_jax.kernels.interpret import interpreting
+
+ATTENTION_IMPLS = ("xla", "blockwise", "cudnn", "splash")
+_NATIVE = {"xla": None, "blockwise": None, "cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
+# cpu: blockwise measured faster than xla at every T of the default run and bench_attention (docs/benchmarks.md).
+# gpu: blockwise (plain XLA ops, O(T) memory) until cudnn has run on a lent GPU. tpu: splash, upstream's TPU
+# kernel, whose tests here ran in its interpret mode.
+_AUTO = {"cpu": "blockwise", "gpu": "blockwise", "cuda": "blockwise", "rocm": "blockwise", "tpu": "splash"}
+
+
+def resolve_attention(impl: str, platform: str | None = None, interpret: bool | None = None) -> str:
+  """Maps "auto" to the platform's default; raises naming the platform if `impl` is unknown or cannot run here."""
+  platform = platform or jax.default_backend()
+  interpret = interpreting() if interpret is None else interpret
+  if impl == "auto":
+    return _AUTO.get(platform, "blockwise")
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl {impl!r} is not one of {('auto',) + ATTENTION_IMPLS} (platform {platform!r})")
+  native = _NATIVE[impl]
+  if native is not None and platform not in native and not (impl == "splash" and interpret):
+    raise ValueError(f"attention_impl {impl!r} cannot run on platform {platform!r} (it needs {native[0]}); use "
+                     "'auto', 'blockwise' or 'xla'" + (", or interpret_kernels() to simulate the TPU kernel"
+                                                       if impl == "splash" else ""))
+  return impl
+
+
+def attend(impl: str, q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTHA, segment_ids_BT, *, scale: float,
+           block: int = 512):
+  """o [B, T, H, A] by backend `impl` (already resolved, not "xla"): causal within each segment id."""
+  args = (q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTHA, segment_ids_BT)
+  if impl == "blockwise":
+    return blockwise_attention(*args, scale=scale, block=block)
+  if impl == "cudnn":
+    from moe_jax.kernels.cudnn_attention import cudnn_attention
+    return cudnn_attention(*args, scale=scale)
+  if impl == "splash":
+    from moe_jax.kernels.splash_attention import splash_attention
+    return splash_attention(*args, scale=scale, interpret=interpreting())
+  raise ValueError(f"attend() takes a resolved kernel backend, got {impl!r}")
