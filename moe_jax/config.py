@@ -21,8 +21,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCHES = ("dropless", "capacity")
 DECODE_ATTENTIONS = ("absorbed", "naive")
 ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")  # "auto" + kernels.attention.ATTENTION_IMPLS
-GMM_BACKENDS = ("auto", "tiled", "ragged_dot", "megablox", "mgpu_ragged_dot", "pallas_tpu", "pallas_mosaic_gpu",
-                "reference")  # "auto" + kernels.BACKENDS
+GMM_BACKENDS = ("auto", "tiled", "ragged_dot", "megablox", "mgpu_ragged_dot", "tokamax", "pallas_tpu",
+                "pallas_mosaic_gpu", "reference")  # "auto" + kernels.BACKENDS
 HIDDEN_ACTS = ("silu",)
 ROPE_SCALING_TYPES = ("yarn",)
 
@@ -95,7 +95,8 @@ def base_model_config() -> ml_collections.ConfigDict:
   c.moe_dispatch = "dropless"  # dropless (sort + grouped matmul) | capacity (GShard token dropping baseline)
   c.capacity_factor = 1.25  # with capacity dispatch: slots per expert = ceil(factor * tokens * K / N_r)
   c.gmm_backend = "auto"  # grouped matmul: auto (validated default per platform) | tiled | ragged_dot |
-  #                        megablox (jax's TPU kernel) | mgpu_ragged_dot (jax's Hopper kernel) | pallas_tpu |
+  #                        megablox (jax's TPU kernel) | mgpu_ragged_dot (jax's Hopper kernel) | tokamax
+  #                        (optional extra) | pallas_tpu |
   #                        pallas_mosaic_gpu (ours, experimental) | reference; see moe_jax.kernels
   c.ep_capacity_factor = 0.0  # expert parallelism: all-to-all rows per destination = factor * copies / ways;
   #                             <= 0 = all copies (never overflows); overflow is counted in dropped_fraction

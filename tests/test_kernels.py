@@ -1,6 +1,8 @@
 """moe_jax.kernels: gmm / tgmm on every backend (Pallas ones in interpret mode), layouts and permutes, against
 float64 numpy loops over experts."""
 
+import sys
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -171,6 +173,10 @@ def test_backend_errors_name_backend_and_platform():
   for backend in ("pallas_tpu", "pallas_mosaic_gpu", "megablox", "mgpu_ragged_dot"):
     with pytest.raises(ValueError, match=rf"gmm backend '{backend}' cannot run on platform 'cpu'"):
       gmm(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.asarray([2]), backend=backend)
+  gmm_module = sys.modules["moe_jax.kernels.gmm"]  # (the package's `gmm` attribute is the function)
+  with pytest.MonkeyPatch.context() as mp, pytest.raises(ValueError, match=r"moe_jax\[tokamax\]"):
+    mp.setattr(gmm_module, "_tokamax_installed", lambda: False)
+    gmm(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.asarray([2]), backend="tokamax")
   with interpret_kernels(), pytest.raises(ValueError, match="no interpret mode"):
     gmm(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.asarray([2]), backend="mgpu_ragged_dot")
 

@@ -16,6 +16,8 @@ Backends (`BACKENDS`):
   interpreter on CPU (no TPU has been lent to this project).
 - "mgpu_ragged_dot": jax's own Pallas Mosaic GPU kernels for Hopper (`ragged_dot_mgpu` /
   `transposed_ragged_dot_mgpu`; `mgpu_ragged_dot.py`). Opt-in until it has run on a lent Hopper.
+- "tokamax": openxla's `tokamax.ragged_dot` (its own kernels and AD: Mosaic on TPU/Hopper, Triton, or XLA,
+  whichever it finds best), where the optional package installs (`pip install 'moe_jax[tokamax]'`). Opt-in.
 - "pallas_tpu": our megablox-style Pallas TPU kernel (`pallas_tpu.py`), kept to compare side by side.
   EXPERIMENTAL: checked only in the TPU interpreter on CPU; never run on a TPU. Opt-in.
 - "pallas_mosaic_gpu": Pallas Mosaic GPU (Hopper wgmma) kernel (`pallas_mosaic_gpu.py`). EXPERIMENTAL: opt-in
@@ -37,12 +39,21 @@ from moe_jax.kernels import megablox, pallas_tpu, xla_tiled
 from moe_jax.kernels.interpret import interpret_kernels, interpreting
 from moe_jax.kernels.vma import match_varying
 
-BACKENDS = ("tiled", "ragged_dot", "megablox", "mgpu_ragged_dot", "pallas_tpu", "pallas_mosaic_gpu", "reference")
+BACKENDS = ("tiled", "ragged_dot", "megablox", "mgpu_ragged_dot", "tokamax", "pallas_tpu", "pallas_mosaic_gpu",
+            "reference")
 # Where each backend runs natively. Pallas backends also run anywhere in interpret mode (slow; for tests).
-_NATIVE = {"tiled": None, "ragged_dot": None, "reference": None, "pallas_tpu": ("tpu",), "megablox": ("tpu",),
-           "pallas_mosaic_gpu": ("gpu", "cuda"), "mgpu_ragged_dot": ("gpu", "cuda")}
+_NATIVE = {"tiled": None, "ragged_dot": None, "reference": None, "tokamax": None, "pallas_tpu": ("tpu",),
+           "megablox": ("tpu",), "pallas_mosaic_gpu": ("gpu", "cuda"), "mgpu_ragged_dot": ("gpu", "cuda")}
 _NO_INTERPRET = ("mgpu_ragged_dot",)  # Mosaic GPU kernels written for hardware only
-SIMULATABLE = tuple(b for b in BACKENDS if b not in _NO_INTERPRET)  # run on CPU (Pallas ones interpreted)
+
+
+def _tokamax_installed() -> bool:
+  import importlib.util
+  return importlib.util.find_spec("tokamax") is not None
+
+
+# Run on CPU (Pallas ones interpreted; tokamax where the optional package is installed).
+SIMULATABLE = tuple(b for b in BACKENDS if b not in _NO_INTERPRET and (b != "tokamax" or _tokamax_installed()))
 # `auto` picks only backends validated on that platform (experimental kernels are opt-in).
 _AUTO = {"cpu": "tiled", "gpu": "ragged_dot", "cuda": "ragged_dot", "rocm": "ragged_dot", "tpu": "megablox"}
 
@@ -57,6 +68,8 @@ def resolve_backend(backend: str, platform: str | None = None, interpret: bool |
     return _AUTO.get(platform, "tiled")
   if backend not in BACKENDS:
     raise ValueError(f"gmm backend {backend!r} is not one of {('auto',) + BACKENDS} (platform {platform!r})")
+  if backend == "tokamax" and not _tokamax_installed():
+    raise ValueError("gmm backend 'tokamax' needs the optional tokamax package: pip install 'moe_jax[tokamax]'")
   native = _NATIVE[backend]
   if native is not None and platform not in native and backend in _NO_INTERPRET:
     raise ValueError(f"gmm backend {backend!r} cannot run on platform {platform!r} (it needs {native[0]}, and has "
@@ -139,6 +152,11 @@ def gmm(lhs_MI, rhs_EIO, group_sizes_E, *, backend: str = "auto", preferred_elem
     return _reference(lhs_MI, rhs_EIO, group_sizes_E, out_dtype)
   if backend == "ragged_dot":
     return jax.lax.ragged_dot(lhs_MI, rhs_EIO, group_sizes_E, preferred_element_type=out_dtype)
+  if backend == "tokamax":
+    import tokamax  # optional extra
+    out_MO = tokamax.ragged_dot(lhs_MI, rhs_EIO.astype(lhs_MI.dtype), group_sizes_E, preferred_element_type=out_dtype)
+    live_M = jnp.arange(lhs_MI.shape[0]) < jnp.sum(group_sizes_E)  # rows past the groups: zero, as the contract says
+    return jnp.where(live_M[:, None], out_MO, 0).astype(out_dtype)
   return _gmm_vjp(*match_varying(lhs_MI, rhs_EIO, group_sizes_E), backend, out_dtype, interpret)
 
 
@@ -146,7 +164,7 @@ def tgmm(lhs_MI, dout_MO, group_sizes_E, *, backend: str = "auto", preferred_ele
          interpret: bool | None = None):
   """Transposed grouped matmul: out[e] = lhs[rows of e]^T @ dout[rows of e], [E, I, O]; zero for empty groups.
 
-  "ragged_dot" and "reference" share one reference formulation (a [E, M] membership mask: E times the FLOPs);
+  "ragged_dot", "tokamax" and "reference" share one reference formulation (a [E, M] membership mask: E times the FLOPs);
   gmm's gradient for those backends comes from JAX's autodiff, not from this function."""
   if lhs_MI.ndim != 2 or dout_MO.ndim != 2 or lhs_MI.shape[0] != dout_MO.shape[0] or group_sizes_E.ndim != 1:
     raise ValueError(f"tgmm expects lhs [M,I], dout [M,O], group_sizes [E]; got {lhs_MI.shape}, "
@@ -155,7 +173,7 @@ def tgmm(lhs_MI, dout_MO, group_sizes_E, *, backend: str = "auto", preferred_ele
   interpret = interpreting() if interpret is None else interpret
   group_sizes_E = group_sizes_E.astype(jnp.int32)
   backend = resolve_backend(backend, interpret=interpret)
-  if backend in ("reference", "ragged_dot"):
+  if backend in ("reference", "ragged_dot", "tokamax"):
     ends_E = jnp.cumsum(group_sizes_E)
     rows_M = jnp.arange(lhs_MI.shape[0])
     member_EM = (rows_M[None] >= (ends_E - group_sizes_E)[:, None]) & (rows_M[None] < ends_E[:, None])

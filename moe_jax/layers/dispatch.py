@@ -58,17 +58,23 @@ def dropless_dispatch(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD,
   E, D, _ = w_gate_EDF.shape
   backend = resolve_backend(backend)
   flat_expert_M = idx_TK.reshape(-1)  # M = T*K token-copies, in (token, k) order
+  # Named scopes: profiles (scripts/bench_mfu.py) split the layer's time into dispatch and expert matmuls.
   if backend == "tiled":
-    lay = tiles_layout(flat_expert_M, E, tile_rows_for(T * K, E))
-    x_PD = permute(x_TD, lay.copy_of_slot_P, lay.slot_of_copy_M, K)
-    y_XZD = _expert_ffn_tiles(x_PD.reshape(-1, lay.tile_rows, D), lay.tile_group_X,
-                              live_tiles(lay.group_sizes_E, lay.tile_rows), w_gate_EDF, w_up_EDF, w_down_EFD)
+    with jax.named_scope("dispatch"):
+      lay = tiles_layout(flat_expert_M, E, tile_rows_for(T * K, E))
+      x_PD = permute(x_TD, lay.copy_of_slot_P, lay.slot_of_copy_M, K)
+    with jax.named_scope("routed_experts"):
+      y_XZD = _expert_ffn_tiles(x_PD.reshape(-1, lay.tile_rows, D), lay.tile_group_X,
+                                live_tiles(lay.group_sizes_E, lay.tile_rows), w_gate_EDF, w_up_EDF, w_down_EFD)
     y_PD = y_XZD.reshape(-1, D)
   else:
-    lay = rows_layout(flat_expert_M, E)
-    x_PD = permute(x_TD, lay.copy_of_slot_P, lay.slot_of_copy_M, K)
-    y_PD = expert_ffn_grouped(x_PD, lay.group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, backend)
-  y_TD = unpermute(y_PD.astype(x_TD.dtype), weight_TK, lay.copy_of_slot_P, lay.slot_of_copy_M)
+    with jax.named_scope("dispatch"):
+      lay = rows_layout(flat_expert_M, E)
+      x_PD = permute(x_TD, lay.copy_of_slot_P, lay.slot_of_copy_M, K)
+    with jax.named_scope("routed_experts"):
+      y_PD = expert_ffn_grouped(x_PD, lay.group_sizes_E, w_gate_EDF, w_up_EDF, w_down_EFD, backend)
+  with jax.named_scope("dispatch"):
+    y_TD = unpermute(y_PD.astype(x_TD.dtype), weight_TK, lay.copy_of_slot_P, lay.slot_of_copy_M)
   return y_TD.astype(x_TD.dtype)
 
 
