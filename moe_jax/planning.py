@@ -29,6 +29,8 @@ import ml_collections
 import numpy as np
 
 from moe_jax.config import n_moe_layers
+from moe_jax.kernels.attention import resolve_attention
+from moe_jax.kernels.blockwise_attention import block_size_for
 from moe_jax.layers.attention import attention_inputs
 from moe_jax.model.block import block_class
 from moe_jax.model.params import count_params, param_shapes
@@ -85,6 +87,19 @@ def block_residual_bytes(model_cfg: Any, seq_len: int, tensor: int, is_moe: bool
   return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, origin in res if "argument" not in origin)
 
 
+def attention_workspace_bytes(model_cfg: Any, seq_len: int, tensor: int, accelerator: str) -> int:
+  """One sequence's transient score tiles of the blockwise backend (float32 [tile x tile] per head: scores,
+  probabilities, their cotangents and the elementwise steps between; ~8 such arrays are live at once in XLA CPU's
+  compiled backward, measured against `compiled_bytes`): recomputed, so no residual counts them. The einsum
+  form's [T, T] scores are residuals (counted), and fused kernels (cudnn, splash) keep theirs on chip."""
+  platform = "cpu" if accelerator == "cpu" else "tpu" if accelerator.startswith("tpu") else "gpu"
+  if resolve_attention(model_cfg.attention_impl, platform=platform, interpret=True) != "blockwise":
+    return 0
+  tile = block_size_for(seq_len, model_cfg.attention_block_size)
+  heads = max(1, model_cfg.num_attention_heads // tensor)
+  return 8 * heads * tile * tile * 4
+
+
 def flops_per_token(model_cfg: Any, seq_len: int) -> dict:
   c = model_cfg
   counts = count_params(c)
@@ -118,7 +133,7 @@ def plan(model_cfg: Any, sizes: dict, rules: Sequence, *, seq_len: int, global_b
     # With remat, one block's backward re-materialises its full residuals on top of what every block saved.
     transient = 0 if model_cfg.remat_policy == "none" else block_residual_bytes(model_cfg, seq_len, t, True, False)
     logits = (1 + model_cfg.num_nextn_predict_layers) * seq_len * model_cfg.vocab_size // t * 4 * 2
-    cache[key] = saved + transient + logits
+    cache[key] = saved + transient + logits + attention_workspace_bytes(model_cfg, seq_len, t, accelerator)
   act_per_seq = cache[key]
   split = math.prod(sizes[a] for a in batch_axes(rules))
   seqs = global_batch / split

@@ -17,10 +17,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
 
 
-@pytest.mark.parametrize("seq_len,batch", [(128, 8), (256, 2)])
-def test_estimate_matches_compiled_memory_analysis(seq_len, batch):
-  """Without remat (XLA's CPU scheduler does not realise remat's savings, so only this case is comparable)."""
+@pytest.mark.parametrize("attention", ["blockwise", "xla"])
+@pytest.mark.parametrize("seq_len,batch", [(128, 8), (256, 2), (1024, 1)])
+def test_estimate_matches_compiled_memory_analysis(seq_len, batch, attention):
+  """Without remat (XLA's CPU scheduler does not realise remat's savings, so only this case is comparable); both
+  attention forms: the einsum form's [T, T] scores are residuals, blockwise's score tiles a transient workspace."""
   c = debug.get_config()
+  c.model.attention_impl = attention
   est = planning.plan(c.model, ONE, default_rules(), seq_len=seq_len, global_batch=batch, accelerator="cpu",
                       mfu=0.4)
   got = planning.compiled_bytes(c.model, c.train, seq_len, batch)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The checks only a GPU can show, in one call (for a lent device; see docs/benchmarks.md for what they found):
+# the GPU kernel and attention tests on the device, bench_gmm per GPU backend at V3 shapes against a dense matmul,
+# bench_attention as T grows, and bench_mfu on configs/bench_1b.py per gmm backend. JSON rows and logs go to
+# ${OUT:-/tmp/gpu_checks}. Each step is bounded by `timeout`, so one hang does not eat the rest.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_checks}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+PY="${PYTHON:-python3}"
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$2
+  shift 2
+  echo "=== $name" | tee -a "$OUT/summary.txt"
+  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+  echo "rc=$? $(tail -n 3 "$OUT/$name.log" | tr '\n' ' ')" | tee -a "$OUT/summary.txt"
+}
+step gpu_tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
+for kernel in auto mgpu_ragged_dot pallas_mosaic_gpu; do
+  step "gmm_$kernel" 150 "$PY" scripts/bench_gmm.py --shapes=v3 --tokens=16384 --kernel="$kernel" --json
+done
+step attention 240 "$PY" scripts/bench_attention.py --impls=xla,blockwise,cudnn --heads=128 --repeats=3 --json
+for kernel in ragged_dot mgpu_ragged_dot; do
+  step "mfu_$kernel" 240 "$PY" scripts/bench_mfu.py --config=configs/bench_1b.py --config.model.gmm_backend="$kernel" --json
+done
