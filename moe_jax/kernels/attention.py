@@ -13,10 +13,8 @@ is validated there and fastest (docs/benchmarks.md): see `_AUTO`.
 
 from __future__ import annotations
 
-import jax
-
 from moe_jax.kernels.blockwise_attention import blockwise_attention
-from moe_jax.kernels.interpret import interpreting
+from moe_jax.kernels.interpret import interpreting, resolve_for_platform
 
 ATTENTION_IMPLS = ("xla", "blockwise", "cudnn", "splash")
 _NATIVE = {"xla": None, "blockwise": None, "cudnn": ("gpu", "cuda"), "splash": ("tpu",)}
@@ -28,18 +26,8 @@ _AUTO = {"cpu": "blockwise", "gpu": "blockwise", "cuda": "blockwise", "rocm": "b
 
 def resolve_attention(impl: str, platform: str | None = None, interpret: bool | None = None) -> str:
   """Maps "auto" to the platform's default; raises naming the platform if `impl` is unknown or cannot run here."""
-  platform = platform or jax.default_backend()
-  interpret = interpreting() if interpret is None else interpret
-  if impl == "auto":
-    return _AUTO.get(platform, "blockwise")
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl {impl!r} is not one of {('auto',) + ATTENTION_IMPLS} (platform {platform!r})")
-  native = _NATIVE[impl]
-  if native is not None and platform not in native and not (impl == "splash" and interpret):
-    raise ValueError(f"attention_impl {impl!r} cannot run on platform {platform!r} (it needs {native[0]}); use "
-                     "'auto', 'blockwise' or 'xla'" + (", or interpret_kernels() to simulate the TPU kernel"
-                                                       if impl == "splash" else ""))
-  return impl
+  return resolve_for_platform("attention_impl", impl, ATTENTION_IMPLS, _NATIVE, _AUTO, "blockwise", ("splash",),
+                              "'auto', 'blockwise' or 'xla'", platform, interpret)
 
 
 def attend(impl: str, q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTHA, segment_ids_BT, *, scale: float,

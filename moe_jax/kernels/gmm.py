@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.kernels import megablox, pallas_tpu, xla_tiled
-from moe_jax.kernels.interpret import interpret_kernels, interpreting
+from moe_jax.kernels.interpret import interpret_kernels, interpreting, resolve_for_platform
 from moe_jax.kernels.vma import match_varying
 
 BACKENDS = ("tiled", "ragged_dot", "megablox", "mgpu_ragged_dot", "tokamax", "pallas_tpu", "pallas_mosaic_gpu",
@@ -62,23 +62,11 @@ __all__ = ["BACKENDS", "SIMULATABLE", "gmm", "interpret_kernels", "resolve_backe
 
 def resolve_backend(backend: str, platform: str | None = None, interpret: bool | None = None) -> str:
   """Maps "auto" to the platform's validated default; raises if `backend` is unknown or cannot run here."""
-  platform = platform or jax.default_backend()
-  interpret = interpreting() if interpret is None else interpret
-  if backend == "auto":
-    return _AUTO.get(platform, "tiled")
-  if backend not in BACKENDS:
-    raise ValueError(f"gmm backend {backend!r} is not one of {('auto',) + BACKENDS} (platform {platform!r})")
   if backend == "tokamax" and not _tokamax_installed():
     raise ValueError("gmm backend 'tokamax' needs the optional tokamax package: pip install 'moe_jax[tokamax]'")
-  native = _NATIVE[backend]
-  if native is not None and platform not in native and backend in _NO_INTERPRET:
-    raise ValueError(f"gmm backend {backend!r} cannot run on platform {platform!r} (it needs {native[0]}, and has "
-                     "no interpret mode); use backend='auto' or 'tiled'")
-  if native is not None and platform not in native and not interpret:
-    raise ValueError(f"gmm backend {backend!r} cannot run on platform {platform!r} (it needs {native[0]}); "
-                     "use backend='auto' or 'tiled', or interpret=True / moe_jax.kernels.interpret_kernels() to "
-                     "simulate the kernel for testing")
-  return backend
+  simulatable = tuple(b for b in BACKENDS if b not in _NO_INTERPRET)
+  return resolve_for_platform("gmm backend", backend, BACKENDS, _NATIVE, _AUTO, "tiled", simulatable,
+                              "backend='auto' or 'tiled'", platform, interpret)
 
 
 def _reference(lhs_MI, rhs_EIO, group_sizes_E, out_dtype):
