@@ -143,7 +143,7 @@ def main(argv):
         f"({kind}, jax {jax.__version__})")
   print(f"  {row['ms_per_step']:.1f} ms/step, {row['tokens_per_sec']:,.0f} tokens/s, "
         f"{row['model_flops_per_token'] / 1e9:.2f} GFLOP/token -> {row['tflops']:.2f} TFLOP/s, "
-        f"MFU {100 * row['mfu']:.1f}% of {row['peak_tflops']:.0f} TFLOP/s ({peak_source}); compile {compile_s:.0f} s")
+        f"MFU {100 * row['mfu']:.1f}% of {row['peak_tflops']:.3g} TFLOP/s ({peak_source}); compile {compile_s:.0f} s")
   if "breakdown_ms" in row:
     total = sum(row["breakdown_ms"].values())
     print(f"  op time of one step, by name scope (summed over threads/streams; {total:.0f} ms):")
