@@ -12,7 +12,7 @@ Algorithm 2) recomputes each tile's probabilities p = exp(score - lse) and, with
 The two score terms stay separate, so the shared RoPE key is never broadcast over heads.
 
 Tiles above the causal diagonal are never visited (loop bounds); tiles with no query-key pair in the same
-document are skipped at run time (`lax.cond`). Scores, softmax statistics and accumulators are float32;
+document are skipped at run time (`lax.cond`). A call of T <= block is one tile, computed without loops. Scores, softmax statistics and accumulators are float32;
 probabilities are cast to the input dtype for the value matmuls, as the einsum form does.
 
 Why not a library kernel: jax's Pallas flash kernels (GPU Triton / TPU) and cuDNN need one head dim for q and
