@@ -22,21 +22,16 @@ import os
 import re
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from moe_jax.model import Transformer  # noqa: E402
+from bench_common import time_steps, train_step_on_random_rows  # noqa: E402
 from moe_jax.model.params import count_params  # noqa: E402
 from moe_jax.planning import ACCELERATORS, flops_per_token  # noqa: E402
-from moe_jax.sharding import make_mesh, rules_of  # noqa: E402
-from moe_jax.training.state import create_train_state  # noqa: E402
-from moe_jax.training.step import make_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_1b.py", "Experiment config.")
 _PRESET = flags.DEFINE_enum("preset", None, ["cpu"], "cpu: a reduced model and row length for CPUs.")
@@ -104,24 +99,9 @@ def main(argv):
   if _PRESET.value == "cpu":
     config = _cpu_preset(config)
   c = config.model
-  model, mesh, rules = Transformer(c), make_mesh(config.mesh), rules_of(config.mesh)
-  state, shardings, tx = create_train_state(model, config.train, mesh, rules, 0)
-  step = make_train_step(model, config, tx, config.train.num_steps, mesh, rules, shardings)
-  B, T = config.data.batch_size, config.data.seq_len
-  rng = np.random.default_rng(0)
-  batch = {"tokens": rng.integers(0, c.vocab_size, (B, T)).astype(np.int32),
-           "segment_ids": np.ones((B, T), np.int32), "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
-  t0 = time.perf_counter()
-  state, m = step(state, batch)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  state, m = step(state, batch)
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for _ in range(_STEPS.value):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  dt = (time.perf_counter() - t0) / _STEPS.value
+  step, state, batch = train_step_on_random_rows(config)
+  B, T = batch["tokens"].shape
+  state, compile_s, dt = time_steps(step, state, batch, _STEPS.value, warmup=1)
   kind = jax.devices()[0].device_kind
   peak, peak_source = _peak_flops(kind)
   fpt = flops_per_token(c, T)

@@ -22,11 +22,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from bench_common import train_step_on_random_rows  # noqa: E402
 from moe_jax.interop.hf_config import hf_config_from_model  # noqa: E402
-from moe_jax.model import Transformer  # noqa: E402
-from moe_jax.sharding import make_mesh, rules_of  # noqa: E402
-from moe_jax.training.state import create_train_state  # noqa: E402
-from moe_jax.training.step import make_train_step  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config (its model is used).")
 _BATCH = flags.DEFINE_integer("batch", None, "Rows per step (default: the config's).")
@@ -45,12 +42,7 @@ def _time(step, steps: int) -> float:
 
 
 def time_moe_jax(config, tokens: np.ndarray, steps: int) -> float:
-  model, mesh, rules = Transformer(config.model), make_mesh(config.mesh), rules_of(config.mesh)
-  state, shardings, tx = create_train_state(model, config.train, mesh, rules, 0)
-  train_step = make_train_step(model, config, tx, config.train.num_steps, mesh, rules, shardings)
-  B, T = tokens.shape
-  batch = {"tokens": tokens, "segment_ids": np.ones((B, T), np.int32),
-           "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
+  train_step, state, batch = train_step_on_random_rows(config, tokens)
   box = {"state": state}
 
   def step():

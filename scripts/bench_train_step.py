@@ -13,19 +13,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from moe_jax.model import Transformer  # noqa: E402
-from moe_jax.sharding import make_mesh, rules_of  # noqa: E402
-from moe_jax.training.state import create_train_state  # noqa: E402
-from moe_jax.training.step import make_train_step  # noqa: E402
+from bench_common import time_steps, train_step_on_random_rows  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config.")
 _BACKENDS = flags.DEFINE_list("backends", ["tiled", "ragged_dot"], "gmm backends to compare.")
@@ -38,22 +33,9 @@ def time_backend(config, backend: str, steps: int, attention: str = "auto") -> d
   config = config.copy_and_resolve_references()
   config.model.gmm_backend = backend
   config.model.attention_impl = attention
-  model, mesh, rules = Transformer(config.model), make_mesh(config.mesh), rules_of(config.mesh)
-  state, shardings, tx = create_train_state(model, config.train, mesh, rules, 0)
-  step = make_train_step(model, config, tx, config.train.num_steps, mesh, rules, shardings)
-  B, T = config.data.batch_size, config.data.seq_len
-  rng = np.random.default_rng(0)
-  batch = {"tokens": rng.integers(0, config.model.vocab_size, (B, T)).astype(np.int32),
-           "segment_ids": np.ones((B, T), np.int32), "positions": np.tile(np.arange(T, dtype=np.int32), (B, 1))}
-  t0 = time.perf_counter()
-  state, m = step(state, batch)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  dt = (time.perf_counter() - t0) / steps
+  step, state, batch = train_step_on_random_rows(config)
+  B, T = batch["tokens"].shape
+  _, compile_s, dt = time_steps(step, state, batch, steps)
   return {"backend": backend, "attention": attention, "ms_per_step": 1000 * dt, "tokens_per_sec": B * T / dt, "compile_s": compile_s,
           "experts": config.model.n_routed_experts, "tokens_per_step": B * T, "device": jax.devices()[0].device_kind,
           "jax": jax.__version__}

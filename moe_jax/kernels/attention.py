@@ -13,6 +13,8 @@ is validated there and fastest (docs/benchmarks.md): see `_AUTO`.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from moe_jax.kernels.blockwise_attention import blockwise_attention
 from moe_jax.kernels.interpret import interpreting, resolve_for_platform
 
@@ -28,6 +30,15 @@ def resolve_attention(impl: str, platform: str | None = None, interpret: bool | 
   """Maps "auto" to the platform's default; raises naming the platform if `impl` is unknown or cannot run here."""
   return resolve_for_platform("attention_impl", impl, ATTENTION_IMPLS, _NATIVE, _AUTO, "blockwise", ("splash",),
                               "'auto', 'blockwise' or 'xla'", platform, interpret)
+
+
+def joint_qk(q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR):
+  """One head dim for q and k, as fused kernels (cuDNN, splash) take them: q = [q^C; q^R], k = [k^C; k^R] with
+  the shared RoPE key broadcast over heads. Returns (q [B, T, H, N+R], k [B, T, H, N+R])."""
+  B, T, H, _ = k_nope_BTHN.shape
+  k_rope_BTHR = jnp.broadcast_to(k_rope_BTR[:, :, None, :], (B, T, H, k_rope_BTR.shape[-1]))
+  return (jnp.concatenate([q_nope_BTHN, q_rope_BTHR], axis=-1),
+          jnp.concatenate([k_nope_BTHN, k_rope_BTHR.astype(k_nope_BTHN.dtype)], axis=-1))
 
 
 def attend(impl: str, q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTHA, segment_ids_BT, *, scale: float,

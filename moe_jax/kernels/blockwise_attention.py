@@ -12,8 +12,9 @@ Algorithm 2) recomputes each tile's probabilities p = exp(score - lse) and, with
 The two score terms stay separate, so the shared RoPE key is never broadcast over heads.
 
 Tiles above the causal diagonal are never visited (loop bounds); tiles with no query-key pair in the same
-document are skipped at run time (`lax.cond`). A call of T <= block is one tile, computed without loops. Scores, softmax statistics and accumulators are float32;
-probabilities are cast to the input dtype for the value matmuls, as the einsum form does.
+document are skipped at run time (`lax.cond`). A call of T <= block is one tile, computed without loops.
+Scores, softmax statistics and accumulators are float32; probabilities are cast to the input dtype for the
+value matmuls, as the einsum form does.
 
 Why not a library kernel: jax's Pallas flash kernels (GPU Triton / TPU) and cuDNN need one head dim for q and
 k (and often v); MLA's q^R/k^R split and the shared RoPE key are not expressible there without broadcasting
@@ -28,21 +29,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moe_jax.kernels.shapes import pad_to_multiple
+
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) underflows to 0 without inf - inf = nan
 
 
 def block_size_for(T: int, block: int) -> int:
   """The tile size used for T tokens: `block`, or T itself when one tile holds the whole call."""
   return T if T <= block else block
-
-
-def _pad_to(x, T_pad: int, value=0):
-  T = x.shape[1]
-  if T == T_pad:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[1] = (0, T_pad - T)
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def blockwise_attention(q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTHA, segment_ids_BT, *,
@@ -56,13 +50,12 @@ def blockwise_attention(q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTH
   T = q_nope_BTHN.shape[1]
   dtype = v_BTHA.dtype
   blk = block_size_for(T, block)
-  T_pad = -(-T // blk) * blk
-  args = [_pad_to(a, T_pad) for a in (q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTHA)]
+  args = [pad_to_multiple(a, 1, blk) for a in (q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTHA)]
   if jax.default_backend() == "cpu" and dtype != jnp.float32:
     # XLA's CPU runtime has no bf16 x bf16 -> f32 dot inside loops (UNIMPLEMENTED in DotThunk), and CPUs have no
     # bf16 matmul units to lose: compute in float32 there.
     args = [a.astype(jnp.float32) for a in args]
-  seg_BT = _pad_to(segment_ids_BT.astype(jnp.int32), T_pad, -1)
+  seg_BT = pad_to_multiple(segment_ids_BT.astype(jnp.int32), 1, blk, -1)
   o_BTHA = _attention(*args, seg_BT, float(scale), blk)
   return o_BTHA[:, :T].astype(dtype)
 

@@ -15,16 +15,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe_jax.kernels.attention import joint_qk
+
 _IMPLEMENTATION = "cudnn"  # tests set "xla" to check the arrangement on CPU
 
 
 def cudnn_attention(q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTHA, segment_ids_BT, *, scale: float,
                     implementation: str | None = None):
-  B, T, H, _ = q_nope_BTHN.shape
   A = v_BTHA.shape[-1]
-  q_BTHK = jnp.concatenate([q_nope_BTHN, q_rope_BTHR], axis=-1)
-  k_rope_BTHR = jnp.broadcast_to(k_rope_BTR[:, :, None, :], (B, T, H, k_rope_BTR.shape[-1]))
-  k_BTHK = jnp.concatenate([k_nope_BTHN, k_rope_BTHR.astype(k_nope_BTHN.dtype)], axis=-1)
+  q_BTHK, k_BTHK = joint_qk(q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR)
   width = q_BTHK.shape[-1]
   if width < A:
     raise ValueError(f"cudnn attention pads v to the q/k head dim; v_head_dim={A} exceeds it ({width})")

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from moe_jax.kernels import megablox, pallas_tpu, xla_tiled
 from moe_jax.kernels.interpret import interpret_kernels, interpreting, resolve_for_platform
+from moe_jax.kernels.shapes import zero_rows_past_groups
 from moe_jax.kernels.vma import match_varying
 
 BACKENDS = ("tiled", "ragged_dot", "megablox", "mgpu_ragged_dot", "tokamax", "pallas_tpu", "pallas_mosaic_gpu",
@@ -53,7 +54,8 @@ def _tokamax_installed() -> bool:
 
 
 # Run on CPU (Pallas ones interpreted; tokamax where the optional package is installed).
-SIMULATABLE = tuple(b for b in BACKENDS if b not in _NO_INTERPRET and (b != "tokamax" or _tokamax_installed()))
+_INTERPRETABLE = tuple(b for b in BACKENDS if b not in _NO_INTERPRET)
+SIMULATABLE = tuple(b for b in _INTERPRETABLE if b != "tokamax" or _tokamax_installed())
 # `auto` picks only backends validated on that platform (experimental kernels are opt-in).
 _AUTO = {"cpu": "tiled", "gpu": "ragged_dot", "cuda": "ragged_dot", "rocm": "ragged_dot", "tpu": "megablox"}
 
@@ -64,8 +66,7 @@ def resolve_backend(backend: str, platform: str | None = None, interpret: bool |
   """Maps "auto" to the platform's validated default; raises if `backend` is unknown or cannot run here."""
   if backend == "tokamax" and not _tokamax_installed():
     raise ValueError("gmm backend 'tokamax' needs the optional tokamax package: pip install 'moe_jax[tokamax]'")
-  simulatable = tuple(b for b in BACKENDS if b not in _NO_INTERPRET)
-  return resolve_for_platform("gmm backend", backend, BACKENDS, _NATIVE, _AUTO, "tiled", simulatable,
+  return resolve_for_platform("gmm backend", backend, BACKENDS, _NATIVE, _AUTO, "tiled", _INTERPRETABLE,
                               "backend='auto' or 'tiled'", platform, interpret)
 
 
@@ -143,8 +144,7 @@ def gmm(lhs_MI, rhs_EIO, group_sizes_E, *, backend: str = "auto", preferred_elem
   if backend == "tokamax":
     import tokamax  # optional extra
     out_MO = tokamax.ragged_dot(lhs_MI, rhs_EIO.astype(lhs_MI.dtype), group_sizes_E, preferred_element_type=out_dtype)
-    live_M = jnp.arange(lhs_MI.shape[0]) < jnp.sum(group_sizes_E)  # rows past the groups: zero, as the contract says
-    return jnp.where(live_M[:, None], out_MO, 0).astype(out_dtype)
+    return zero_rows_past_groups(out_MO, group_sizes_E, out_dtype)
   return _gmm_vjp(*match_varying(lhs_MI, rhs_EIO, group_sizes_E), backend, out_dtype, interpret)
 
 
@@ -152,8 +152,8 @@ def tgmm(lhs_MI, dout_MO, group_sizes_E, *, backend: str = "auto", preferred_ele
          interpret: bool | None = None):
   """Transposed grouped matmul: out[e] = lhs[rows of e]^T @ dout[rows of e], [E, I, O]; zero for empty groups.
 
-  "ragged_dot", "tokamax" and "reference" share one reference formulation (a [E, M] membership mask: E times the FLOPs);
-  gmm's gradient for those backends comes from JAX's autodiff, not from this function."""
+  "ragged_dot", "tokamax" and "reference" share one reference formulation (a [E, M] membership mask: E times the
+  FLOPs); gmm's gradient for those backends comes from JAX's autodiff, not from this function."""
   if lhs_MI.ndim != 2 or dout_MO.ndim != 2 or lhs_MI.shape[0] != dout_MO.shape[0] or group_sizes_E.ndim != 1:
     raise ValueError(f"tgmm expects lhs [M,I], dout [M,O], group_sizes [E]; got {lhs_MI.shape}, "
                      f"{dout_MO.shape}, {group_sizes_E.shape}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-import jax.numpy as jnp
+from moe_jax.kernels.shapes import pad_to_multiple, zero_empty_groups, zero_rows_past_groups
 
 _TILE = 128  # megablox's default (m, k, n) tiles
 
@@ -27,20 +27,14 @@ def _tiling(M: int, I: int, O: int):
   return tm, min(_TILE, I), min(_TILE, O)
 
 
-def _pad_rows(x, tm: int):
-  pad = -x.shape[0] % tm
-  return x if pad == 0 else jnp.pad(x, ((0, pad), (0, 0)))
-
-
 def gmm(lhs_MI, rhs_EIO, group_sizes_E, out_dtype, interpret: bool = False):
   megablox = _kernels()
 
   M, I = lhs_MI.shape
   tiling = _tiling(M, I, rhs_EIO.shape[2])
-  out_MO = megablox.gmm(_pad_rows(lhs_MI, tiling[0]), rhs_EIO.astype(lhs_MI.dtype), group_sizes_E, out_dtype,
-                        tiling, interpret=interpret)[:M]
-  live_M = jnp.arange(M) < jnp.sum(group_sizes_E)
-  return jnp.where(live_M[:, None], out_MO, 0).astype(out_dtype)
+  out_MO = megablox.gmm(pad_to_multiple(lhs_MI, 0, tiling[0]), rhs_EIO.astype(lhs_MI.dtype), group_sizes_E,
+                        out_dtype, tiling, interpret=interpret)[:M]
+  return zero_rows_past_groups(out_MO, group_sizes_E, out_dtype)
 
 
 def tgmm(lhs_MI, dout_MO, group_sizes_E, out_dtype, interpret: bool = False):
@@ -49,6 +43,7 @@ def tgmm(lhs_MI, dout_MO, group_sizes_E, out_dtype, interpret: bool = False):
   M, I = lhs_MI.shape
   tiling = _tiling(M, I, dout_MO.shape[1])
   tm = tiling[0]
-  out_EIO = megablox.tgmm(_pad_rows(lhs_MI, tm).T, _pad_rows(dout_MO.astype(lhs_MI.dtype), tm), group_sizes_E,
-                          out_dtype, tiling, num_actual_groups=group_sizes_E.shape[0], interpret=interpret)
-  return jnp.where((group_sizes_E > 0)[:, None, None], out_EIO, 0).astype(out_dtype)
+  out_EIO = megablox.tgmm(pad_to_multiple(lhs_MI, 0, tm).T, pad_to_multiple(dout_MO.astype(lhs_MI.dtype), 0, tm),
+                          group_sizes_E, out_dtype, tiling, num_actual_groups=group_sizes_E.shape[0],
+                          interpret=interpret)
+  return zero_empty_groups(out_EIO, group_sizes_E, out_dtype)

@@ -14,27 +14,23 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from moe_jax.kernels.shapes import pad_to_multiple as _pad
+from moe_jax.kernels.shapes import zero_rows_past_groups
+
 # Block sizes from the kernels' own tuning sweeps (their `main`), for bf16 on an H100.
 _GMM_BLOCKS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 _TGMM_BLOCKS = dict(block_m=64, block_n=64, block_k=64, max_concurrent_steps=4, grid_block_n=1)
-
-
-def _pad(x, axis: int, multiple: int):
-  pad = -x.shape[axis] % multiple
-  return x if pad == 0 else jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
 
 
 def gmm(lhs_MI, rhs_EIO, group_sizes_E, out_dtype, interpret: bool = False):
   del interpret  # Mosaic GPU kernels have no interpret mode
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu  # Mosaic GPU: imported only when asked for
 
-  M, I = lhs_MI.shape
   O = rhs_EIO.shape[2]
   lhs = _pad(lhs_MI, 1, _GMM_BLOCKS["block_k"])
   rhs = _pad(_pad(rhs_EIO.astype(lhs_MI.dtype), 1, _GMM_BLOCKS["block_k"]), 2, _GMM_BLOCKS["block_n"])
   out_MO = ragged_dot_mgpu.ragged_dot(lhs, rhs, group_sizes=group_sizes_E, **_GMM_BLOCKS)[:, :O]
-  live_M = jnp.arange(M) < jnp.sum(group_sizes_E)
-  return jnp.where(live_M[:, None], out_MO, 0).astype(out_dtype)
+  return zero_rows_past_groups(out_MO, group_sizes_E, out_dtype)
 
 
 def tgmm(lhs_MI, dout_MO, group_sizes_E, out_dtype, interpret: bool = False):

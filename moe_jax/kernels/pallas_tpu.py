@@ -26,10 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-
-def _pad_to(x, axis: int, multiple: int):
-  pad = -x.shape[axis] % multiple
-  return x if pad == 0 else jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
+from moe_jax.kernels.shapes import pad_to_multiple as _pad_to
+from moe_jax.kernels.shapes import zero_empty_groups
 
 
 def work_items(group_sizes_E, num_rows: int, tm: int):
@@ -148,4 +146,4 @@ def tgmm(lhs_MI, dout_MO, group_sizes_E, out_dtype, tiling=(128, 128, 128), inte
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=pltpu.InterpretParams() if interpret else False,
   )(offsets, group_W, m_tile_W, live[None], lhs, dout)
-  return jnp.where((group_sizes_E > 0)[:, None, None], out[:, :I, :O], 0).astype(out_dtype)
+  return zero_empty_groups(out[:, :I, :O], group_sizes_E, out_dtype)

@@ -14,6 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moe_jax.kernels.attention import joint_qk
+from moe_jax.kernels.shapes import pad_to_multiple
+
 _TILE = 128  # splash's default q/kv block
 
 
@@ -21,15 +24,12 @@ def splash_attention(q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTHA, 
                      interpret: bool = False):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # TPU Pallas: imported when asked for
 
-  B, T, H, _ = q_nope_BTHN.shape
+  T, H = q_nope_BTHN.shape[1:3]
   T_pad = -(-T // _TILE) * _TILE
-  pad = lambda x, value=0: jnp.pad(x, [(0, 0), (0, T_pad - T)] + [(0, 0)] * (x.ndim - 2),  # noqa: E731
-                                   constant_values=value)
-  q_BTHK = jnp.concatenate([q_nope_BTHN, q_rope_BTHR], axis=-1) * jnp.asarray(scale, q_nope_BTHN.dtype)
-  k_rope_BTHR = jnp.broadcast_to(k_rope_BTR[:, :, None, :], (B, T, H, k_rope_BTR.shape[-1]))
-  k_BTHK = jnp.concatenate([k_nope_BTHN, k_rope_BTHR.astype(k_nope_BTHN.dtype)], axis=-1)
-  q_BHTK, k_BHTK, v_BHTA = (jnp.swapaxes(pad(x), 1, 2) for x in (q_BTHK, k_BTHK, v_BTHA))
-  seg_BT = pad(segment_ids_BT.astype(jnp.int32), -1)
+  q_BTHK, k_BTHK = joint_qk(q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR)
+  q_BTHK = q_BTHK * jnp.asarray(scale, q_BTHK.dtype)
+  q_BHTK, k_BHTK, v_BHTA = (jnp.swapaxes(pad_to_multiple(x, 1, _TILE), 1, 2) for x in (q_BTHK, k_BTHK, v_BTHA))
+  seg_BT = pad_to_multiple(segment_ids_BT.astype(jnp.int32), 1, _TILE, -1)
   mask = splash.MultiHeadMask([splash.CausalMask((T_pad, T_pad)) for _ in range(H)])
   blocks = splash.BlockSizes(block_q=_TILE, block_kv=_TILE, block_kv_compute=_TILE, block_q_dkv=_TILE,
                              block_kv_dkv=_TILE, block_kv_dkv_compute=_TILE, block_q_dq=_TILE, block_kv_dq=_TILE)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.kernels import layout as layout_lib
+from moe_jax.kernels.shapes import pad_to_multiple
 from moe_jax.kernels.vma import match_varying, zeros_varying
 
 _UNROLL = 4  # tiles per loop iteration: amortises XLA CPU's per-iteration overhead over several matmuls
@@ -44,7 +45,7 @@ def _map_chunks(fn, n_tiles: int, chunk: int, *xs):
   """fn over tile-leading arrays xs, `chunk` tiles at a time (one call when chunk >= n_tiles)."""
   if chunk >= n_tiles:
     return fn(*xs)
-  xs = [_padded(x, chunk) for x in xs]  # padded tiles are zero rows of group 0: they add nothing
+  xs = [pad_to_multiple(x, 0, chunk) for x in xs]  # padded tiles are zero rows of group 0: they add nothing
   out = jax.lax.map(lambda args: fn(*args), [x.reshape((-1, chunk) + x.shape[1:]) for x in xs])
   return out.reshape((-1,) + out.shape[2:])[:n_tiles]
 
@@ -69,7 +70,7 @@ def _batched_tgmm(lhs_XZI, dout_XZO, group_X, num_groups: int, out_dtype):
   def body(acc_EIO, args):
     l, d, g = args
     return acc_EIO.at[g].add(prod(l, d)), None
-  xs = [_padded(x, chunk) for x in (lhs_XZI, dout_XZO, group_X)]
+  xs = [pad_to_multiple(x, 0, chunk) for x in (lhs_XZI, dout_XZO, group_X)]
   acc, _ = jax.lax.scan(body, zeros_varying((num_groups, I, O), jnp.float32, lhs_XZI, dout_XZO, group_X),
                         [x.reshape((-1, chunk) + x.shape[1:]) for x in xs])
   return acc.astype(out_dtype)
@@ -78,11 +79,6 @@ def _batched_tgmm(lhs_XZI, dout_XZO, group_X, num_groups: int, out_dtype):
 def _iterations(n_live):
   """Loop trip count: the tiles holding at least one copy (they come first), in iterations of _UNROLL tiles."""
   return (n_live + _UNROLL - 1) // _UNROLL
-
-
-def _padded(x, multiple: int):
-  pad = -x.shape[0] % multiple
-  return x if pad == 0 else jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
 
 
 def tile_gmm_fwd(lhs_XZI, rhs_EIO, group_X, n_live, out_dtype, transpose_rhs: bool = False):
@@ -99,7 +95,7 @@ def tile_gmm_fwd(lhs_XZI, rhs_EIO, group_X, n_live, out_dtype, transpose_rhs: bo
     return _batched_gmm(jnp.asarray(lhs_XZI), rhs_EIO, group_X, out_dtype, transpose_rhs)
   O = rhs_EIO.shape[1 if transpose_rhs else 2]
   contract = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
-  lhs, group = _padded(jnp.asarray(lhs_XZI), _UNROLL), _padded(group_X, _UNROLL)
+  lhs, group = pad_to_multiple(jnp.asarray(lhs_XZI), 0, _UNROLL), pad_to_multiple(group_X, 0, _UNROLL)
 
   def body(i, out):
     for u in range(_UNROLL):
