@@ -1,5 +1,5 @@
 """Default: a small DeepSeek-V3-architecture model trained on the embedded corpus (the Python standard library)
-in about 14 minutes on a 2-core CPU, ending below `xz -9e` in held-out bits per byte. Every V3 mechanism is live: MLA with q/kv compression and decoupled RoPE,
+in 14–16 minutes on a 2-core CPU, ending below `xz -9e` in held-out bits per byte. Every V3 mechanism is live: MLA with q/kv compression and decoupled RoPE,
 shared + fine-grained routed experts with sigmoid, group-limited routing, auxiliary-loss-free balancing plus
 the sequence-wise balance loss, and one MTP module.
 
@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.shuffle_window = 512  # rows shuffled together after packing
 
   config.train = base_train_config()
-  config.train.num_steps = 900  # ~3.7M token slots, ~14 minutes on a 2-core CPU (1.535 bits/byte; xz -9e 1.538)
+  config.train.num_steps = 900  # ~3.7M token slots, 14–16 minutes on a 2-core CPU (1.535 bits/byte; xz -9e 1.538)
   config.train.log_every = 20  # progress and metrics.jsonl cadence
   config.train.eval_every = 200  # periodic held-out estimate on eval_batches batches
   config.train.eval_batches = 8  # the final evaluation uses the whole held-out split
