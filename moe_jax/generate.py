@@ -16,8 +16,9 @@ import sys
 
 from absl import app, flags, logging
 
-from moe_jax.inference import Generator, Sampling
 from moe_jax.cli import load_model_or_exit
+from moe_jax.host_memory import keep_host_memory
+from moe_jax.inference import Generator, Sampling
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, or hf:DIR for a published-format checkpoint.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of a workdir (default: the newest).")
@@ -52,6 +53,7 @@ def _prompt_ids(tokenizer) -> list[int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  keep_host_memory()  # before XLA's threads first allocate: no page faults per step
   logging.set_verbosity(logging.WARNING)  # Orbax logs its restore at INFO
   model = load_model_or_exit(_CHECKPOINT.value, _STEP.value)
   prompt = _prompt_ids(model.tokenizer)

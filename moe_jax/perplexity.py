@@ -15,8 +15,9 @@ import sys
 
 from absl import app, flags, logging
 
-from moe_jax.inference.scoring import evaluate_perplexity
 from moe_jax.cli import fail, load_model_or_exit
+from moe_jax.host_memory import keep_host_memory
+from moe_jax.inference.scoring import evaluate_perplexity
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (hf:DIR checkpoints carry no tokenizer).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -58,6 +59,7 @@ def read_documents(path: str, text_field: str) -> list[bytes]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  keep_host_memory()  # before XLA's threads first allocate: no page faults per step
   logging.set_verbosity(logging.WARNING)
   try:
     texts = read_documents(_DATA.value, _TEXT_FIELD.value)

@@ -14,3 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from moe_jax.host_memory import keep_host_memory  # noqa: E402
+
+keep_host_memory()  # as the entry points: freed step buffers are reused, not page-faulted in again

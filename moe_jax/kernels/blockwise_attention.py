@@ -97,7 +97,9 @@ def _forward(qn, qr, kn, kr, v, seg, scale, blk):
         m_BHT, l_BHT, acc_BHTA = carry
         s_BHTS = _scores_BHTS(qn_i, qr_i, _tile(kn, j, blk), _tile(kr, j, blk), visible_BTS, scale)
         m_new = jnp.maximum(m_BHT, s_BHTS.max(-1))
-        p_BHTS = jnp.where(visible_BTS[:, None], jnp.exp(s_BHTS - m_new[..., None]), 0.0)
+        p_BHTS = jnp.exp(s_BHTS - m_new[..., None])
+        if not single:  # a row that has seen no key yet has m_new = _NEG: its masked scores must not count as 1
+          p_BHTS = jnp.where(visible_BTS[:, None], p_BHTS, 0.0)
         alpha_BHT = jnp.exp(m_BHT - m_new)
         pv_BHTA = jnp.einsum("bhts,bsha->bhta", p_BHTS.astype(dtype), _tile(v, j, blk), preferred_element_type=f32)
         return m_new, alpha_BHT * l_BHT + p_BHTS.sum(-1), alpha_BHT[..., None] * acc_BHTA + pv_BHTA
@@ -143,7 +145,7 @@ def _backward(qn, qr, kn, kr, v, seg, o, lse_BHT, do, scale, blk):
         lse_i = lax.dynamic_slice_in_dim(lse_BHT, i * blk, blk, axis=2)
         delta_i = lax.dynamic_slice_in_dim(delta_BHT, i * blk, blk, axis=2)
         s_BHTS = _scores_BHTS(qn_i, qr_i, kn_j, kr_j, visible_BTS, scale)
-        p_BHTS = jnp.where(visible_BTS[:, None], jnp.exp(s_BHTS - lse_i[..., None]), 0.0)
+        p_BHTS = jnp.exp(s_BHTS - lse_i[..., None])  # lse is finite (every row sees itself): masked -> exactly 0
         dv_BSHA = dv_BSHA + jnp.einsum("bhts,btha->bsha", p_BHTS.astype(dtype), do_i, preferred_element_type=f32)
         dp_BHTS = jnp.einsum("btha,bsha->bhts", do_i, v_j, preferred_element_type=f32)
         ds_BHTS = (p_BHTS * (dp_BHTS - delta_i[..., None]) * scale).astype(dtype)

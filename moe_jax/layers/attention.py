@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from moe_jax.config import softmax_scale
 from moe_jax.kernels.attention import attend, resolve_attention
-from moe_jax.layers.base import as_dtype, constrain, normal_init, param
+from moe_jax.layers.base import as_dtype, constrain, normal_init, param, project
 from moe_jax.layers.norm import RMSNorm
 from moe_jax.layers.rope import apply_rope, rope_cos_sin
 
@@ -91,27 +91,27 @@ class MLA(nn.Module):
     c = self.config
     dtype, pdtype, init = as_dtype(c.dtype), as_dtype(c.param_dtype), normal_init(c)
     D, H, N, R = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
-    mm = lambda eq, a, w: jnp.einsum(eq, a, w.astype(dtype))  # noqa: E731
+    mm = lambda a, w: project(a, w.astype(dtype))  # noqa: E731
     if c.q_lora_rank is not None:
       Q = c.q_lora_rank
       wq_a = param(self, "wq_a", (D, Q), ("embed", "q_lora"), init, pdtype)
-      cq_BTQ = RMSNorm(LATENT_NORM_EPS, dtype, pdtype, axis_name="q_lora", name="q_norm")(mm("btd,dq->btq", x_BTD, wq_a))
+      cq_BTQ = RMSNorm(LATENT_NORM_EPS, dtype, pdtype, axis_name="q_lora", name="q_norm")(mm(x_BTD, wq_a))
       wq_nope = param(self, "wq_b_nope", (Q, H, N), ("q_lora", "heads", "qk_nope"), init, pdtype)
       wq_rope = param(self, "wq_b_rope", (Q, H, R), ("q_lora", "heads", "qk_rope"), init, pdtype)
-      q_nope_BTHN = mm("btq,qhn->bthn", cq_BTQ, wq_nope)
-      q_rope_BTHR = mm("btq,qhr->bthr", cq_BTQ, wq_rope)
+      q_nope_BTHN = mm(cq_BTQ, wq_nope)
+      q_rope_BTHR = mm(cq_BTQ, wq_rope)
     else:
       wq_nope = param(self, "wq_nope", (D, H, N), ("embed", "heads", "qk_nope"), init, pdtype)
       wq_rope = param(self, "wq_rope", (D, H, R), ("embed", "heads", "qk_rope"), init, pdtype)
-      q_nope_BTHN = mm("btd,dhn->bthn", x_BTD, wq_nope)
-      q_rope_BTHR = mm("btd,dhr->bthr", x_BTD, wq_rope)
+      q_nope_BTHN = mm(x_BTD, wq_nope)
+      q_rope_BTHR = mm(x_BTD, wq_rope)
     q_rope_BTHR = apply_rope(q_rope_BTHR, inputs.cos_BTR, inputs.sin_BTR, c.rope_interleave)
     C = c.kv_lora_rank
     w_dkv = param(self, "w_dkv", (D, C), ("embed", "kv_lora"), init, pdtype)
     w_kr = param(self, "w_kr", (D, R), ("embed", "qk_rope"), init, pdtype)
-    ckv_BTC = RMSNorm(LATENT_NORM_EPS, dtype, pdtype, axis_name="kv_lora", name="kv_norm")(mm("btd,dc->btc", x_BTD, w_dkv))
+    ckv_BTC = RMSNorm(LATENT_NORM_EPS, dtype, pdtype, axis_name="kv_lora", name="kv_norm")(mm(x_BTD, w_dkv))
     ckv_BTC = constrain(ckv_BTC, ("batch", "length", "kv_lora"))
-    kpe_BTR = apply_rope(mm("btd,dr->btr", x_BTD, w_kr), inputs.cos_BTR, inputs.sin_BTR, c.rope_interleave)
+    kpe_BTR = apply_rope(mm(x_BTD, w_kr), inputs.cos_BTR, inputs.sin_BTR, c.rope_interleave)
     return q_nope_BTHN, q_rope_BTHR, LatentCache(ckv_BTC, kpe_BTR)
 
   @nn.compact
@@ -128,8 +128,8 @@ class MLA(nn.Module):
     w_uv_CHA = param(self, "w_uv", (C, H, A), ("kv_lora", "heads", "v_head"), init, pdtype).astype(dtype)
     impl = "xla" if cache is not None else resolve_attention(c.attention_impl)
     if impl != "xla":  # a kernel backend (moe_jax.kernels.attention): per-head keys and values, no [T, T] mask
-      k_nope_BTHN = jnp.einsum("btc,chn->bthn", new.ckv_BSC, w_uk_CHN)
-      v_BTHA = jnp.einsum("btc,cha->btha", new.ckv_BSC, w_uv_CHA)
+      k_nope_BTHN = project(new.ckv_BSC, w_uk_CHN)
+      v_BTHA = project(new.ckv_BSC, w_uv_CHA)
       o_BTHA = attend(impl, q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, new.kpe_BSR, v_BTHA, inputs.segment_ids_BT,
                       scale=softmax_scale(c), block=c.attention_block_size)
     else:
@@ -140,10 +140,9 @@ class MLA(nn.Module):
       o_BTHA = _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb, softmax_scale(c), dtype)
     o_BTHA = constrain(o_BTHA, ("batch", "length", "heads", "v_head"))
     wo_HAD = param(self, "wo", (H, A, D), ("heads", "v_head", "embed"), init, pdtype)
-    # One contracting dim (heads x value dims, a free reshape of both): with two, XLA's CPU layout assignment
-    # transposed the whole [H, A, D] weight on every call (measured: 7x slower at V3 dims).
-    B, T = o_BTHA.shape[:2]
-    out_BTD = jnp.einsum("btk,kd->btd", o_BTHA.reshape(B, T, H * A), wo_HAD.astype(dtype).reshape(H * A, D))
+    # One 2-D matmul (heads x value dims contracted together): as an einsum over (h, a), XLA's CPU layout
+    # assignment transposed the whole [H, A, D] weight on every call (measured: 7x slower at V3 dims).
+    out_BTD = project(o_BTHA, wo_HAD.astype(dtype), contract=2)
     return out_BTD, (new if cache is not None else None)
 
 

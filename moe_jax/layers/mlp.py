@@ -6,9 +6,8 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from moe_jax.layers.base import as_dtype, normal_init, param
+from moe_jax.layers.base import as_dtype, normal_init, param, project
 
 
 class SwiGLU(nn.Module):
@@ -24,5 +23,5 @@ class SwiGLU(nn.Module):
     wi_up = param(self, "wi_up", (D, F), ("embed", "mlp"), init, pdtype).astype(dtype)
     wo = param(self, "wo", (F, D), ("mlp", "embed"), init, pdtype).astype(dtype)
     x_BTD = x_BTD.astype(dtype)
-    h_BTF = jax.nn.silu(jnp.einsum("btd,df->btf", x_BTD, wi_gate)) * jnp.einsum("btd,df->btf", x_BTD, wi_up)
-    return jnp.einsum("btf,fd->btd", h_BTF, wo)
+    h_BTF = jax.nn.silu(project(x_BTD, wi_gate)) * project(x_BTD, wi_up)
+    return project(h_BTF, wo)

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.layers.base import normal_init, param
+from moe_jax.layers.base import normal_init, param, project
 
 
 BIAS_COLLECTION = "router"  # the variable collection of the routing biases (not "params")
@@ -94,7 +94,7 @@ class Router(nn.Module):
     E = c.n_routed_experts
     kernel = param(self, "kernel", (c.hidden_size, E), ("embed", "router_expert"), normal_init(c), jnp.float32)
     # Routing in float32 whatever the compute dtype: near-ties between experts must not flip with rounding.
-    logits_BTE = jnp.einsum("btd,de->bte", x_BTD.astype(jnp.float32), kernel.astype(jnp.float32))
+    logits_BTE = project(x_BTD.astype(jnp.float32), kernel.astype(jnp.float32))
     if c.scoring_func == "sigmoid":
       scores_BTE = jax.nn.sigmoid(logits_BTE)
     else:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from moe_jax.config import mtp_block_is_moe
 from moe_jax.layers import RMSNorm
 from moe_jax.layers.attention import AttentionInputs, LatentCache
-from moe_jax.layers.base import as_dtype, constrain, normal_init, param
+from moe_jax.layers.base import as_dtype, constrain, normal_init, param, project
 from moe_jax.model.block import block_class
 
 
@@ -40,7 +40,7 @@ class MTPModule(nn.Module):
     e_BTD = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="enorm")(e_BTD)
     h_BTD = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="hnorm")(h_prev_BTD)
     eh_proj = param(self, "eh_proj", (2 * D, D), ("mtp_concat", "embed"), normal_init(c), pdtype)
-    x_BTD = jnp.einsum("bti,id->btd", jnp.concatenate([e_BTD, h_BTD], axis=-1), eh_proj.astype(dtype))
+    x_BTD = project(jnp.concatenate([e_BTD, h_BTD], axis=-1), eh_proj.astype(dtype))
     block = block_class(c, scanned=False)(c, mtp_block_is_moe(c), name="block")
     x_BTD, (stats, entries) = block(x_BTD, inputs, valid_BT, cache)
     h_out_BTD = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="head_norm")(x_BTD)

@@ -35,7 +35,7 @@ import ml_collections
 from moe_jax.config import n_moe_layers, padded_vocab_size, validate_model_config
 from moe_jax.layers import RMSNorm
 from moe_jax.layers.attention import attention_inputs
-from moe_jax.layers.base import as_dtype, constrain, normal_init, param
+from moe_jax.layers.base import as_dtype, constrain, normal_init, param, project
 from moe_jax.model import cache as cache_lib
 from moe_jax.model.block import block_class
 from moe_jax.model.mtp import MTPModule
@@ -111,7 +111,7 @@ class Transformer(nn.Module):
     """float32 logits over the true vocabulary (the padding rows' columns are cut off)."""
     c = self.config
     head_DV = self.embedding.T if c.tie_word_embeddings else self.lm_head
-    logits_BTV = jnp.einsum("btd,dv->btv", h_BTD, head_DV.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
+    logits_BTV = project(h_BTD, head_DV.astype(h_BTD.dtype), preferred_element_type=jnp.float32)
     return logits_BTV[..., :c.vocab_size] if logits_BTV.shape[-1] != c.vocab_size else logits_BTV
 
   def _run(self, group: str, x_BTD, inputs, valid_BT, caches):
