@@ -73,6 +73,9 @@ def _breakdown(step, state, batch) -> tuple[dict, object]:
   hlo = step.lower(state, batch).compile().as_text()
   scope_of = {m.group(1): m.group(2) for m in re.finditer(
       r"%?([\w.\-]+) = [^\n]*?metadata=\{[^}\n]*?op_name=\"([^\"]+)\"", hlo)}
+  # A while/conditional/call's event spans the ops of its body, which have events of their own: counting both
+  # would count the routed experts' tile loops twice.
+  control_flow = set(re.findall(r"%?([\w.\-]+) = [^\n]*? (?:while|conditional|call)\(%", hlo))
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
     state, m = step(state, batch)
@@ -86,8 +89,8 @@ def _breakdown(step, state, batch) -> tuple[dict, object]:
       continue
     name = (e.get("args") or {}).get("hlo_op") or e["name"]
     scope = scope_of.get(name)
-    if scope is None:
-      continue  # runtime bookkeeping (executor, waits), not an op of the step
+    if scope is None or name in control_flow:
+      continue  # runtime bookkeeping (executor, waits), not an op of the step; or a loop counted by its body
     category = next((c for key, c in _CATEGORIES if key in scope), "other (optimizer, norms, embedding, loss)")
     totals[category] += e["dur"] / 1000
   return dict(totals), state

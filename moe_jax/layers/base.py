@@ -6,9 +6,8 @@ Every parameter is created through `param`, which attaches logical axis names
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import math
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
