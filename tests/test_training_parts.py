@@ -75,6 +75,33 @@ def test_bias_update_hand_computed():
   np.testing.assert_allclose(out, [[-0.5, 0.5, 0.5, 0.5], [0, 0, 0, 0]])
 
 
+def test_bias_update_proportional_hand_computed():
+  tree = lambda flat: traverse_util.unflatten_dict(flat, sep="/")  # noqa: E731
+  bias = tree({"moe_layers_0/moe/router/e_score_correction_bias": jnp.asarray([0.0, 0.5, -0.2, 0.1]),
+               "moe_layers_1/moe/router/e_score_correction_bias": jnp.zeros(4)})
+  aux = {"expert_load": jnp.asarray([[10.0, 2.0, 4.0, 4.0], [0.0, 0.0, 0.0, 0.0]])}
+  new = traverse_util.flatten_dict(update_router_bias(bias, aux, 0.01, "proportional"), sep="/")
+  # layer 0: mean 5 -> (5 - load) / 5 = [-1, 0.6, 0.2, 0.2]; layer 1 saw no tokens: no move (not NaN)
+  np.testing.assert_allclose(new["moe_layers_0/moe/router/e_score_correction_bias"],
+                             [-0.01, 0.506, -0.198, 0.102], atol=1e-7)
+  np.testing.assert_array_equal(new["moe_layers_1/moe/router/e_score_correction_bias"], np.zeros(4))
+  with pytest.raises(ValueError, match="not one of"):
+    update_router_bias(bias, aux, 0.01, "multiplicative")
+
+
+def test_training_summary_from_metric_rows():
+  from moe_jax.training.metrics import training_summary
+  rows = [{"step": 10, "loss": 5.0, "max_vio": 2.0, "tokens_per_sec": 100.0},  # the compile window: not in the median
+          {"step": 20, "loss": 4.0, "max_vio": 1.0, "tokens_per_sec": 900.0},
+          {"step": 20, "eval_loss": 4.1, "bits_per_byte": 2.0},  # an eval row: not a training batch
+          {"step": 30, "loss": 3.0, "max_vio": 0.5, "tokens_per_sec": 1000.0},
+          {"step": 40, "loss": 3.0, "max_vio": 0.3, "tokens_per_sec": 5000.0}]
+  s = training_summary(rows)
+  assert s["max_vio_batch"] == pytest.approx((2.0 + 1.0 + 0.5 + 0.3) / 4)
+  assert s["tokens_per_sec"] == 1000.0 and s["logged_steps"] == 4
+  assert training_summary([]) == {}
+
+
 def test_max_violation():
   load = jnp.asarray([[10.0, 2.0, 4.0, 4.0], [5.0, 5.0, 5.0, 5.0], [0.0, 0.0, 0.0, 0.0]])
   np.testing.assert_allclose(max_violation(load), [10 / 5 - 1, 0.0, 0.0])

@@ -5,8 +5,12 @@ The routers' selection biases `e_score_correction_bias` are not trained paramete
 "router" variable collection (moe_jax.model.variables), so they get no gradient, no optimiser state and no
 weight decay, and after every step the trainer applies
     b_i <- b_i + gamma * sign(mean_j load_j - load_i)
-per MoE layer, with load_i the token-copies routed to expert i in the *global* batch: the model sums the loads
-over the whole batch, and under SPMD `jit` that sum spans every data shard, so all devices apply the same update.
+per MoE layer ("sign", the rule of the paper and of V3), with load_i the token-copies routed to expert i in the *global* batch: the model sums the loads
+over the whole batch, and under SPMD `jit` that sum spans every data shard, so all devices apply the same update. The paper's "proportional" variant (its sec. 4.3 ablation of the update rule)
+moves each bias by the size of the violation instead of its sign; here the violation is relative to the mean load,
+    b_i <- b_i + gamma * (mean_j load_j - load_i) / mean_j load_j,
+so gamma has the same meaning under both rules (the largest step a balanced-to-empty expert takes is gamma) and does
+not depend on the batch size.
 
 MaxVio (same paper, eq. 6):  MaxVio = max_i load_i / mean_i load_i - 1, per layer; "batch" MaxVio uses one
 training batch's loads, "global" MaxVio the loads summed over the whole validation set.
@@ -33,13 +37,22 @@ def load_for_bias(path: str, aux: dict):
   raise ValueError(f"no expert load is known for the routing bias at {path!r}")
 
 
-def update_router_bias(router: dict, aux: dict, rate) -> dict:
-  """b <- b + rate * sign(mean(load) - load), per layer (the last axis is the expert axis), over the "router"
-  collection tree."""
+BIAS_UPDATE_RULES = ("sign", "proportional")
+
+
+def update_router_bias(router: dict, aux: dict, rate, rule: str = "sign") -> dict:
+  """b <- b + rate * sign(mean(load) - load) ("sign") or + rate * (mean(load) - load) / mean(load)
+  ("proportional"), per layer (the last axis is the expert axis), over the "router" collection tree."""
+  if rule not in BIAS_UPDATE_RULES:
+    raise ValueError(f"bias update rule {rule!r} is not one of {BIAS_UPDATE_RULES}")
   out = {}
   for path, b in traverse_util.flatten_dict(router, sep="/").items():
     load = load_for_bias(path, aux).astype(jnp.float32)
-    delta = jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+    mean = jnp.mean(load, axis=-1, keepdims=True)
+    if rule == "sign":
+      delta = jnp.sign(mean - load)
+    else:  # a layer that saw no tokens has mean 0: no move
+      delta = jnp.where(mean > 0, (mean - load) / jnp.maximum(mean, 1e-30), 0.0)
     out[path] = (b + rate * delta).astype(b.dtype)
   return traverse_util.unflatten_dict(out, sep="/")
 

@@ -21,6 +21,7 @@ from moe_jax.config import validate_model_config
 from moe_jax.data.sources import SOURCES
 from moe_jax.data.tokenizer import TOKENIZERS
 from moe_jax.sharding import base_mesh_config, check_mesh_sizes, rules_of
+from moe_jax.training.balancing import BIAS_UPDATE_RULES
 from moe_jax.training.schedules import SCHEDULE_UNITS
 
 
@@ -60,6 +61,7 @@ def base_train_config() -> ml_collections.ConfigDict:
   t.mtp_weight_after = 0.1  # lambda after mtp_weight_switch (V3: 0.1)
   t.mtp_weight_switch = -1  # where lambda switches; -1 = never (V3: 10T tokens)
   t.bias_update_rate = 0.001  # loss-free balancing speed gamma; 0 = balancing off (V3: 0.001)
+  t.bias_update_rule = "sign"  # sign: b += gamma*sign(mean-load) (V3) | proportional: b += gamma*(mean-load)/mean
   t.bias_update_stop = -1  # where gamma drops to 0; -1 = never (V3: 14.3T tokens)
   t.weight_decay = 0.1  # decoupled AdamW decay, matrices only (V3: 0.1)
   t.adam_b1 = 0.9  # (V3: 0.9)
@@ -143,6 +145,8 @@ def validate_config(config: Any) -> None:
   _require(t.batch_warmup >= 0, f"config.train.batch_warmup={t.batch_warmup} must be >= 0")
   _require(t.mtp_weight >= 0 and t.mtp_weight_after >= 0, "config.train.mtp_weight and mtp_weight_after must be >= 0")
   _require(t.bias_update_rate >= 0, f"config.train.bias_update_rate={t.bias_update_rate} must be >= 0")
+  _require(t.bias_update_rule in BIAS_UPDATE_RULES,
+           f"config.train.bias_update_rule={t.bias_update_rule!r} is not one of {BIAS_UPDATE_RULES}")
   _require(t.bias_update_rate == 0 or config.model.topk_method == "noaux_tc",
            f"config.train.bias_update_rate={t.bias_update_rate} needs config.model.topk_method='noaux_tc' "
            f"(the only router with a selection bias), got {config.model.topk_method!r}")

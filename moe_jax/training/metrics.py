@@ -40,6 +40,38 @@ def truncate_jsonl(path: str, last_step: int) -> None:
   os.replace(tmp, path)
 
 
+def read_jsonl(path: str) -> list[dict]:
+  """Every parseable line of a metrics.jsonl (a line cut by a kill mid-write is skipped); [] if there is none."""
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for ln in f:
+      try:
+        rows.append(json.loads(ln))
+      except json.JSONDecodeError:
+        pass
+  return rows
+
+
+def training_summary(rows: list[dict]) -> dict:
+  """Run-level figures from metrics.jsonl rows (the training rows: those with a "loss").
+
+  max_vio_batch: MaxVio of each logged training batch (mean over MoE layers), averaged over the logged steps --
+    the Loss-Free Balancing paper's MaxVio_batch, sampled every `log_every` steps (every step when log_every=1).
+  tokens_per_sec: the median over the logged windows after the first (which holds the compile); a median, so
+    the windows that also held an evaluation or a checkpoint do not move it.
+  """
+  train = [r for r in rows if "loss" in r and "max_vio" in r]
+  if not train:
+    return {}
+  vio = [float(r["max_vio"]) for r in train]
+  tps = [float(r["tokens_per_sec"]) for r in train[1:] if "tokens_per_sec" in r] or [
+      float(r["tokens_per_sec"]) for r in train if "tokens_per_sec" in r]
+  return {"max_vio_batch": float(np.mean(vio)), "tokens_per_sec": float(np.median(tps)) if tps else None,
+          "logged_steps": len(train)}
+
+
 class MetricWriter:
 
   def __init__(self, workdir: str, tensorboard: bool = True):

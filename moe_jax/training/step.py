@@ -41,7 +41,7 @@ def train_step_fn(model: nn.Module, config: Any, tx: optax.GradientTransformatio
     grad_norm = optax.tree.norm(grads)
     direction, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree.map(lambda p, d: (p - lr * d).astype(p.dtype), state.params, direction)
-    bias = update_router_bias(state.router_bias, stats, gamma)
+    bias = update_router_bias(state.router_bias, stats, gamma, config.train.bias_update_rule)
     live_rows = jnp.sum(jnp.any(batch["segment_ids"] != 0, axis=1))
     new = TrainState(step=state.step + 1, tokens=state.tokens + (live_rows * batch["tokens"].shape[1]).astype(jnp.float32),
                      params=params, router_bias=bias, opt_state=opt_state)

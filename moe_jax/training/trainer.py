@@ -29,7 +29,7 @@ from moe_jax.training import schedules
 from moe_jax.training.checkpoint import Checkpointer, abstract_like, write_json
 from moe_jax.training.config import validate_config
 from moe_jax.training.evaluate import compressor_bits_per_byte, evaluate, token_byte_lengths
-from moe_jax.training.metrics import MetricWriter, format_eta, truncate_jsonl
+from moe_jax.training.metrics import MetricWriter, format_eta, read_jsonl, training_summary, truncate_jsonl
 from moe_jax.sharding import batch_axes, make_mesh, rules_of
 from moe_jax.training.distributed import maybe_initialize
 from moe_jax.training.preemption import StopOnSignal
@@ -216,6 +216,7 @@ def _train_and_evaluate(config, workdir, mesh, rules, stop, log) -> dict:
             "eval_loss": ev["eval_loss"], "eval_perplexity": ev["eval_perplexity"], "eval_tokens": ev["eval_tokens"],
             "eval_bytes": ev["eval_bytes"], "max_vio_global": ev.get("max_vio_global"),
             "max_vio_global_per_layer": ev.get("max_vio_global_per_layer"), "tokens_seen": tokens_seen,
+            **training_summary(read_jsonl(writer_path)),
             "data": loader.counters(), "wall_seconds_this_run": time.time() - t_start}
   if jax.process_index() == 0:
     writer.write(int(state.step), ev, prefix="final_")
