@@ -6,9 +6,9 @@ DeepSeekMoE (1 shared + 63 routed, 7 activated) 1.808; sec. 4.4: disabling the s
 expert activated instead) 1.808 -> 2.414. As in the paper every FFN activates the same width: with F the width of
 one "standard" FFN (here 2 x hidden), GShard routes each token to 2 of 16 experts of width F; DeepSeekMoE splits
 each expert into 4 (width F/4) and activates 1 shared + 7 of 63 routed; without the shared expert, 8 of 64 routed;
-the dense model has one FFN of width 2F. Routing is the paper's: softmax affinities, plain top-K, weights not
+the dense model has one FFN of width 2F (CPU: F = 2 x hidden = 256; paper scale: the 2B model's F = 3,456). Routing is the paper's: softmax affinities, plain top-K, weights not
 renormalised, the expert-level balance loss with alpha = 0.01 (batch-wise); no routing bias. The first layer is
-dense (width 2F) in every variant, as the base model's.
+dense (width 2F) in every variant at CPU scale, as the base model's; the paper's 2B model has none.
 """
 
 from experiments.framework.presets import base_for
@@ -20,8 +20,8 @@ ROUTING = {"model.scoring_func": "softmax", "model.topk_method": "greedy", "mode
 
 
 def variants(scale, base):
-  del scale
-  F = 2 * base.model.hidden_size  # one standard FFN's width
+  # one standard FFN's width: 2 x hidden on CPU; the paper's model has 4 experts per standard FFN
+  F = 2 * base.model.hidden_size if scale == "cpu" else 4 * base.model.moe_intermediate_size
   return {
       "dense": {"model.first_k_dense_replace": base.model.num_hidden_layers, "model.intermediate_size": 2 * F,
                 "train.bias_update_rate": 0.0},

@@ -20,6 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCHES = ("dropless", "capacity")
 DECODE_ATTENTIONS = ("absorbed", "naive")
+ATTENTION_TYPES = ("mla", "mha", "gqa")
 ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")  # "auto" + kernels.attention.ATTENTION_IMPLS
 GMM_BACKENDS = ("auto", "tiled", "ragged_dot", "megablox", "mgpu_ragged_dot", "tokamax", "pallas_tpu",
                 "pallas_mosaic_gpu", "reference")  # "auto" + kernels.BACKENDS
@@ -59,6 +60,7 @@ def base_model_config() -> ml_collections.ConfigDict:
   c.moe_intermediate_size = 2048  # SwiGLU width of each routed (and each shared) expert
   c.num_hidden_layers = 61  # transformer blocks in the main model (MTP modules not counted)
   c.num_attention_heads = 128  # attention heads n_h
+  c.num_key_value_heads = None  # gqa only: key/value heads, each shared by num_attention_heads / this query heads
   c.q_lora_rank = 1536  # query compression rank d_c'; None = plain query projection (V2-Lite)
   c.kv_lora_rank = 512  # joint key-value latent rank d_c (the cached c_KV)
   c.qk_nope_head_dim = 128  # per-head query/key dims without RoPE, d_h
@@ -102,6 +104,10 @@ def base_model_config() -> ml_collections.ConfigDict:
   #                             <= 0 = all copies (never overflows); overflow is counted in dropped_fraction
   c.pad_vocab_to_multiple_of = 128  # embedding/head rows padded to a multiple of this, so `tensor` can split them
   #                                   (Megatron's make-vocab-size-divisible-by); padding ids never get a logit
+  c.attention_type = "mla"  # mla (DeepSeek-V2/V3: the latent cache) | mha | gqa (per-head keys and values, cached
+  #                          per key/value head: the attention experiment's and the paper configs' baselines); mha
+  #                          and gqa keep MLA's head dims: q/k = qk_nope_head_dim + qk_rope_head_dim (RoPE on the
+  #                          last qk_rope_head_dim of each head), v = v_head_dim; kv_lora/q_lora fields unused
   c.decode_attention = "absorbed"  # MLA over the latent cache: absorbed (W_UK/W_UV folded in) | naive (checking)
   c.attention_impl = "auto"  # attention without a cache (training, scoring): auto (per platform) | xla (einsum,
   #                           full [B,H,T,T] scores; the reference) | blockwise (flash-style, O(T) memory) |
@@ -112,7 +118,7 @@ def base_model_config() -> ml_collections.ConfigDict:
 
 # Fields added after workdirs were first written, with the value that reproduces how those runs were built.
 _LEGACY_DEFAULTS = {"pad_vocab_to_multiple_of": 1, "decode_attention": "absorbed", "attention_impl": "xla",
-                    "attention_block_size": 512}
+                    "attention_block_size": 512, "attention_type": "mla", "num_key_value_heads": None}
 
 
 def complete_model_config(c: Any) -> ml_collections.ConfigDict:
@@ -180,6 +186,16 @@ def validate_model_config(c: Any) -> None:
   _one_of(c, "gmm_backend", GMM_BACKENDS)
   _one_of(c, "decode_attention", DECODE_ATTENTIONS)
   _one_of(c, "attention_impl", ATTENTION_IMPLS)
+  _one_of(c, "attention_type", ATTENTION_TYPES)
+  kv = c.num_key_value_heads
+  if c.attention_type == "gqa":
+    _require(isinstance(kv, int) and not isinstance(kv, bool) and kv > 0 and c.num_attention_heads % kv == 0,
+             f"attention_type='gqa' needs num_key_value_heads dividing num_attention_heads={c.num_attention_heads}, "
+             f"got {kv!r}")
+  else:
+    _require(kv is None or kv == c.num_attention_heads,
+             f"num_key_value_heads={kv!r} needs attention_type='gqa' (with {c.attention_type!r} every head has its "
+             f"own key: leave it None or = num_attention_heads={c.num_attention_heads})")
   _positive_int(c, "attention_block_size")
   _positive_int(c, "pad_vocab_to_multiple_of")
   _require(not c.attention_bias, "attention_bias=True is not supported (no DeepSeek release uses it)")
@@ -225,6 +241,11 @@ def softmax_scale(c: Any) -> float:
     m = yarn_mscale(rs.factor, rs.mscale_all_dim)
     scale *= m * m
   return scale
+
+
+def kv_heads(c: Any) -> int:
+  """Key/value heads of mha/gqa attention (MLA's keys come from one shared latent)."""
+  return c.num_key_value_heads if c.attention_type == "gqa" else c.num_attention_heads
 
 
 def n_moe_layers(c: Any) -> int:

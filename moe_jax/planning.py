@@ -58,6 +58,8 @@ def param_bytes_per_device(model_cfg: Any, sizes: dict, rules: Sequence, boxed: 
 def _local_config(model_cfg: Any, tensor: int) -> ml_collections.FrozenConfigDict:
   c = ml_collections.ConfigDict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
   c.num_attention_heads = max(1, c.num_attention_heads // tensor)
+  if c.get("attention_type") == "gqa":
+    c.num_key_value_heads = max(1, c.num_key_value_heads // tensor)
   c.intermediate_size = max(1, c.intermediate_size // tensor)
   c.moe_intermediate_size = max(1, c.moe_intermediate_size // tensor)
   if c.gmm_backend in ("auto", "tiled"):

@@ -67,6 +67,26 @@ def mla(p, x, pos, seg, cfg, scale, freq):
   return np.einsum("thv,hvd->td", out, p["wo"])
 
 
+def gqa(p, x, pos, seg, cfg, scale, freq):
+  """Multi-head / grouped-query attention with MLA's head dims: RoPE on the last qk_rope_head_dim of each head;
+  query head h reads key/value head h // (H / kv heads)."""
+  T = x.shape[0]
+  H, N = cfg.num_attention_heads, cfg.qk_nope_head_dim
+  q, k, v = (np.einsum("td,dhe->the", x, p[n]) for n in ("wq", "wk", "wv"))
+  q = np.concatenate([q[..., :N], rope(q[..., N:], pos, freq)], -1)
+  k = np.concatenate([k[..., :N], rope(k[..., N:], pos, freq)], -1)
+  group = H // k.shape[1]
+  out = np.zeros((T, H, v.shape[-1]))
+  for h in range(H):
+    for t in range(T):
+      js = [j for j in range(t + 1) if seg[j] == seg[t]]
+      s = np.array([q[t, h] @ k[j, h // group] * scale for j in js])
+      w = np.exp(s - s.max())
+      w /= w.sum()
+      out[t, h] = sum(wi * v[j, h // group] for wi, j in zip(w, js))
+  return np.einsum("thv,hvd->td", out, p["wo"])
+
+
 def swiglu(p, x):
   return (silu(x @ p["wi_gate"]) * (x @ p["wi_up"])) @ p["wo"]
 
@@ -96,7 +116,8 @@ def moe(p, x, cfg):
 
 def block(p, x, pos, seg, cfg, scale, freq):
   eps = cfg.rms_norm_eps
-  h = x + mla(p["attn"], rmsnorm(x, p["attn_norm"]["scale"], eps), pos, seg, cfg, scale, freq)
+  attn = mla if cfg.get("attention_type", "mla") == "mla" else gqa
+  h = x + attn(p["attn"], rmsnorm(x, p["attn_norm"]["scale"], eps), pos, seg, cfg, scale, freq)
   f_in = rmsnorm(h, p["ffn_norm"]["scale"], eps)
   return h + (moe(p["moe"], f_in, cfg) if "moe" in p else swiglu(p["mlp"], f_in))
 

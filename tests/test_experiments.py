@@ -102,12 +102,12 @@ def test_bad_input_is_one_error_before_training(smoke, tmp_path):
 
 def test_list_prints_every_experiment_and_variant():
   out = _cli("experiments.run", "--list").stdout
-  for name in ("balancing", "bias_update", "mtp", "moe_architecture", "balance_loss_scope"):
+  for name in ("balancing", "bias_update", "mtp", "moe_architecture", "attention", "balance_loss_scope"):
     assert f"{name}:" in out
   assert "loss_free_seq_aux" in out and "model.aux_loss_alpha=0.0001" in out
 
 
-@pytest.mark.parametrize("name", ["balancing", "bias_update", "mtp", "moe_architecture", "balance_loss_scope"])
+@pytest.mark.parametrize("name", ["balancing", "bias_update", "mtp", "moe_architecture", "attention", "balance_loss_scope"])
 def test_every_cpu_run_config_is_valid(name, tmp_path):
   from experiments.framework import registry
   from experiments.framework.sweep import plan
@@ -116,6 +116,8 @@ def test_every_cpu_run_config_is_valid(name, tmp_path):
   runs = plan(exp, str(tmp_path), "cpu", exp.seeds, None, {})
   assert len(runs) == exp.seeds * len(exp.variant_overrides("cpu")) and exp.seeds >= 3
   assert sorted({r.config.seed for r in runs}) == list(range(exp.seeds))
+  paper = plan(exp, str(tmp_path), "paper", 1, None, {"data.paths": ("/data/train-*.jsonl",)})  # --scale=paper
+  assert len(paper) == len(exp.variant_overrides("paper")) and paper[0].config.data.seq_len == 2048
 
 
 def test_moe_architecture_variants_activate_equal_width():

@@ -54,4 +54,5 @@ def paper_base(name: str) -> ml_collections.ConfigDict:
 
 
 def base_for(scale: str, paper: str) -> ml_collections.ConfigDict:
+  """The CPU preset, or configs/paper/<paper>.py at --scale=paper."""
   return cpu_base() if scale == "cpu" else paper_base(paper)

@@ -107,6 +107,8 @@ def hf_config_from_model(cfg: Any, dtype: str = "float32") -> dict:
   group_limited_greedy. Other combinations have no published format and raise. RoPE is written both ways
   (`rope_parameters`, as transformers >= 5 writes, and the releases' `rope_theta` + `rope_scaling`).
   """
+  if cfg.get("attention_type", "mla") != "mla":
+    raise ValueError(f"attention_type={cfg.attention_type!r} has no DeepSeek-V2/V3 checkpoint format (they use MLA)")
   if cfg.scoring_func == "sigmoid" and cfg.topk_method == "noaux_tc":
     model_type, arch = "deepseek_v3", "DeepseekV3ForCausalLM"
   elif cfg.scoring_func == "softmax" and cfg.topk_method in ("greedy", "group_limited_greedy"):

@@ -25,6 +25,13 @@ separate sequences and cached decoding continues at each sequence's own position
 
 Parameter names follow the report's matrices (W_DQ -> wq_a, W_UQ/W_QR -> wq_b_nope/wq_b_rope, W_DKV -> w_dkv,
 W_KR -> w_kr, W_UK -> w_uk, W_UV -> w_uv, W_O -> wo).
+
+`GQA` is the baseline MLA is measured against (config.attention_type "mha" | "gqa"): multi-head attention
+(Vaswani et al. 2017) with key/value heads shared by groups of query heads (grouped-query attention, Ainslie et
+al. 2023; MHA is one query head per key/value head). It keeps MLA's per-head dims, so the two differ only in what
+is cached: q_i = W_Q,i h_t, k_j = W_K,j h_t  [N + R, RoPE on the last R dims of each head], v_j = W_V,j h_t [A]
+for key/value head j = i // (H / k); the cache holds every key/value head's k and v: k x (N + R + A) values per
+token and layer, against MLA's C + R (V2 report Table 1).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.config import softmax_scale
+from moe_jax.config import kv_heads, softmax_scale
 from moe_jax.kernels.attention import attend, resolve_attention
 from moe_jax.layers.base import as_dtype, constrain, normal_init, param, project
 from moe_jax.layers.norm import RMSNorm
@@ -50,6 +57,12 @@ class LatentCache(NamedTuple):
   """One MLA layer's cache entries: per token only c_KV and the RoPE'd shared key k^R (576 values for V3)."""
   ckv_BSC: jax.Array  # normalised kv latents c_KV
   kpe_BSR: jax.Array  # RoPE'd shared keys k^R
+
+
+class KVCache(NamedTuple):
+  """One mha/gqa layer's cache entries: per token every key/value head's RoPE'd key and value."""
+  k_BSke: jax.Array  # keys [B, S, kv heads, N + R]
+  v_BSkA: jax.Array  # values [B, S, kv heads, A]
 
 
 class AttentionInputs(NamedTuple):
@@ -178,3 +191,68 @@ def _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb: bool, 
   if absorb:
     acc = jnp.einsum("bthc,cha->btha", acc.astype(dtype), w_uv_CHA, preferred_element_type=f32)
   return acc.astype(dtype)
+
+
+class GQA(nn.Module):
+  """Multi-head / grouped-query attention with MLA's head dims (the module docstring); same call as `MLA`."""
+
+  config: Any
+
+  @nn.compact
+  def __call__(self, x_BTD, inputs: AttentionInputs, cache: KVCache | None = None):
+    c = self.config
+    dtype, pdtype, init = as_dtype(c.dtype), as_dtype(c.param_dtype), normal_init(c)
+    D, H, N, R, A = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    k = kv_heads(c)
+    x_BTD = x_BTD.astype(dtype)
+    mm = lambda a, w: project(a, w.astype(dtype))  # noqa: E731
+    wq = param(self, "wq", (D, H, N + R), ("embed", "heads", "qk_head"), init, pdtype)
+    wk = param(self, "wk", (D, k, N + R), ("embed", "kv_heads", "qk_head"), init, pdtype)
+    wv = param(self, "wv", (D, k, A), ("embed", "kv_heads", "v_head"), init, pdtype)
+
+    def rope(t):  # RoPE on the last R dims of each head
+      return jnp.concatenate([t[..., :N], apply_rope(t[..., N:], inputs.cos_BTR, inputs.sin_BTR, c.rope_interleave)], -1)
+
+    q_BTHe = rope(mm(x_BTD, wq))
+    new = KVCache(rope(mm(x_BTD, wk)), mm(x_BTD, wv))
+    impl = "xla" if cache is not None else resolve_attention(c.attention_impl)
+    if impl != "xla":  # a kernel backend takes one key per query head and a shared RoPE key: give it none
+      g = H // k
+      k_BTHe, v_BTHA = jnp.repeat(new.k_BSke, g, axis=2), jnp.repeat(new.v_BSkA, g, axis=2)
+      o_BTHA = attend(impl, q_BTHe, q_BTHe[..., :0], k_BTHe, k_BTHe[:, :, 0, :0], v_BTHA, inputs.segment_ids_BT,
+                      scale=softmax_scale(c), block=c.attention_block_size)
+    else:
+      blocks = [(new, inputs.mask_B1TT)]
+      if cache is not None:
+        blocks.insert(0, (KVCache(cache.k_BSke.astype(dtype), cache.v_BSkA.astype(dtype)), inputs.cached_B11S))
+      o_BTHA = _attend_grouped(q_BTHe, blocks, softmax_scale(c), dtype)
+    o_BTHA = constrain(o_BTHA, ("batch", "length", "heads", "v_head"))
+    wo_HAD = param(self, "wo", (H, A, D), ("heads", "v_head", "embed"), init, pdtype)
+    out_BTD = project(o_BTHA, wo_HAD.astype(dtype), contract=2)
+    return out_BTD, (new if cache is not None else None)
+
+
+def _attend_grouped(q_BTHe, blocks, scale: float, dtype):
+  """softmax over every (KVCache [B, S_i, k, ...], mask) block's keys together; query head i reads key/value head
+  i // g (g = H / k) without the keys being repeated: the query heads are viewed as [k, g]."""
+  f32 = jnp.float32
+  B, T, H, e = q_BTHe.shape
+  k = blocks[0][0].k_BSke.shape[2]
+  q_BTkge = q_BTHe.reshape(B, T, k, H // k, e)
+  scores = []
+  for keys, mask in blocks:
+    s_BkgTS = jnp.einsum("btkge,bske->bkgts", q_BTkge, keys.k_BSke, preferred_element_type=f32)
+    scores.append(jnp.where(mask[:, :, None], s_BkgTS * scale, jnp.finfo(f32).min))
+  probs_BkgTS = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dtype)
+  acc, start = 0.0, 0
+  for keys, _ in blocks:
+    S = keys.k_BSke.shape[1]
+    acc = acc + jnp.einsum("bkgts,bska->btkga", probs_BkgTS[..., start:start + S], keys.v_BSkA,
+                           preferred_element_type=f32)
+    start += S
+  return acc.reshape(B, T, H, -1).astype(dtype)
+
+
+def attention_class(config: Any):
+  """The attention module config.attention_type names: MLA, or GQA for "mha" / "gqa"."""
+  return MLA if config.attention_type == "mla" else GQA

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 # Array names end in their shape (x_BTD); the letters are one legend, in README.md ("Shape suffixes").
 # Logical axis names used by the model. Parameters:
-#   vocab, embed, q_lora, kv_lora, heads, qk_nope, qk_rope, v_head, mlp, expert, expert_mlp, router_expert,
-#   norm, mtp_concat, layers (the stacked axis under nn.scan).
+#   vocab, embed, q_lora, kv_lora, heads, kv_heads, qk_nope, qk_rope, qk_head, v_head, mlp, expert, expert_mlp,
+#   router_expert, norm, mtp_concat, layers (the stacked axis under nn.scan).
 # Activations: batch, length, embed, heads, kv_lora, vocab.
 
 

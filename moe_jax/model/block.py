@@ -1,4 +1,5 @@
-"""One pre-norm transformer block: h = x + MLA(RMSNorm(x)); out = h + FFN(RMSNorm(h)), FFN dense or DeepSeekMoE."""
+"""One pre-norm transformer block: h = x + Attention(RMSNorm(x)); out = h + FFN(RMSNorm(h)), FFN dense or DeepSeekMoE.
+Attention is MLA, or the MHA/GQA baseline (config.attention_type)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from moe_jax.layers import MLA, MoE, RMSNorm, SwiGLU
-from moe_jax.layers.attention import AttentionInputs, LatentCache
+from moe_jax.layers import MoE, RMSNorm, SwiGLU
+from moe_jax.layers.attention import AttentionInputs, KVCache, LatentCache, attention_class
 from moe_jax.layers.base import as_dtype, constrain
 
 _REMAT_POLICIES = {
@@ -26,12 +27,12 @@ class Block(nn.Module):
   is_moe: bool
 
   @nn.compact
-  def __call__(self, x_BTD, inputs: AttentionInputs, valid_BT, cache: LatentCache | None = None):
+  def __call__(self, x_BTD, inputs: AttentionInputs, valid_BT, cache: LatentCache | KVCache | None = None):
     c = self.config
     dtype, pdtype = as_dtype(c.dtype), as_dtype(c.param_dtype)
     x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
     attn_in = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="attn_norm")(x_BTD)
-    a_BTD, entries = MLA(c, name="attn")(attn_in, inputs, cache)
+    a_BTD, entries = attention_class(c)(c, name="attn")(attn_in, inputs, cache)
     h_BTD = x_BTD + a_BTD
     ffn_in = RMSNorm(c.rms_norm_eps, dtype, pdtype, name="ffn_norm")(h_BTD)
     if self.is_moe:

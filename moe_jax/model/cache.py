@@ -4,7 +4,8 @@
     logits_BTV, aux, cache = model.apply(variables, tokens_BT, cache=cache)       # prefill or decode T tokens
     mtp_logits_BTV, mtp_hidden_BTD, cache = model.apply(variables, aux["hidden"], next_BT, cache, method="mtp_step")
 
-Per layer and token only c_KV and k^R are kept (576 values for V3). With `scan_layers` a layer group's caches
+Per layer and token MLA keeps only c_KV and k^R (576 values for V3); the mha/gqa baselines keep every key/value
+head's key and value (a KVCache). With `scan_layers` a layer group's caches
 are one array with a leading layers axis, which scanned blocks slice (the program does not grow with depth) and
 unrolled ones index. It is an explicit pytree in and out, not a mutable flax collection, because
 generation carries it through a `lax.while_loop` and speculative decoding rolls it back: `with_length` shrinks
@@ -20,22 +21,23 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe_jax.config import n_moe_layers
-from moe_jax.layers.attention import LatentCache
+from moe_jax.config import kv_heads, n_moe_layers
+from moe_jax.layers.attention import KVCache, LatentCache
 from moe_jax.layers.base import as_dtype
 
 GROUPS = ("dense_layers", "moe_layers")  # the main model's layer groups, in depth order
 
 
 class DecodeCache(NamedTuple):
-  layers: dict  # {group: LatentCache [L_group, B, S, ...]}
+  layers: dict  # {group: LatentCache (MLA) or KVCache (mha/gqa) [L_group, B, S, ...]}
   length_B: jax.Array  # int32: tokens cached per sequence in the main layers
-  mtp: LatentCache | None  # the first MTP module's block (the drafter); None without MTP
+  mtp: LatentCache | KVCache | None  # the first MTP module's block (the drafter); None without MTP
   mtp_length_B: jax.Array  # int32: tokens cached per sequence in the MTP block
 
   @property
   def max_len(self) -> int:  # slots per sequence (S)
-    return jax.tree.leaves(self.layers)[0].shape[-2]
+    first = next(iter(self.layers.values()))
+    return first[0].shape[-2] if isinstance(first, LatentCache) else first[0].shape[-3]
 
 
 def init_cache(cfg: Any, batch: int, max_len: int, dtype=None) -> DecodeCache:
@@ -43,6 +45,10 @@ def init_cache(cfg: Any, batch: int, max_len: int, dtype=None) -> DecodeCache:
   dtype = as_dtype(cfg.dtype) if dtype is None else dtype
 
   def make(*lead):
+    if cfg.attention_type != "mla":  # per key/value head keys and values
+      k = kv_heads(cfg)
+      return KVCache(jnp.zeros(lead + (batch, max_len, k, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim), dtype),
+                     jnp.zeros(lead + (batch, max_len, k, cfg.v_head_dim), dtype))
     return LatentCache(jnp.zeros(lead + (batch, max_len, cfg.kv_lora_rank), dtype),
                        jnp.zeros(lead + (batch, max_len, cfg.qk_rope_head_dim), dtype))
 
@@ -60,13 +66,14 @@ def with_length(cache: DecodeCache, length_B, mtp_length_B=None) -> DecodeCache:
   return cache._replace(length_B=length_B, mtp_length_B=mtp_length_B)
 
 
-def write_entries(buf: LatentCache, new: LatentCache, start_B, batch_axis: int = 0) -> LatentCache:
-  """Writes T new entries of each sequence at its own start slot: buf [..., B, S, X], new [..., B, T, X]."""
+def write_entries(buf, new, start_B, batch_axis: int = 0):
+  """Writes T new entries of each sequence at its own start slot: buf [..., B, S, ...], new [..., B, T, ...]
+  (a LatentCache or a KVCache)."""
   def one(b, n, s):  # under vmap the batch axis is gone and the slot axis sits where it was
     return jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=batch_axis)
 
   write = jax.vmap(one, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)
-  return LatentCache(*(write(b, n, start_B) for b, n in zip(buf, new)))
+  return type(buf)(*(write(b, n, start_B) for b, n in zip(buf, new)))
 
 
 def append_layers(cache: DecodeCache, entries: dict, T: int) -> DecodeCache:
@@ -75,11 +82,14 @@ def append_layers(cache: DecodeCache, entries: dict, T: int) -> DecodeCache:
   return cache._replace(layers=layers, length_B=cache.length_B + T)
 
 
-def append_mtp(cache: DecodeCache, entries: LatentCache, T: int) -> DecodeCache:
+def append_mtp(cache: DecodeCache, entries, T: int) -> DecodeCache:
   mtp = write_entries(cache.mtp, entries, cache.mtp_length_B)
   return cache._replace(mtp=mtp, mtp_length_B=cache.mtp_length_B + T)
 
 
 def cache_bytes_per_token(cfg: Any, dtype=jnp.bfloat16) -> int:
-  """Per token and layer: (kv_lora_rank + qk_rope_head_dim) x dtype bytes."""
+  """Per token and layer: MLA (kv_lora_rank + qk_rope_head_dim) x dtype bytes; mha/gqa every key/value head's
+  key and value, kv_heads x (qk_nope_head_dim + qk_rope_head_dim + v_head_dim) x dtype bytes."""
+  if cfg.get("attention_type", "mla") != "mla":
+    return kv_heads(cfg) * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * jnp.dtype(dtype).itemsize
   return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from moe_jax.config import mtp_block_is_moe
 from moe_jax.layers import RMSNorm
-from moe_jax.layers.attention import AttentionInputs, LatentCache
+from moe_jax.layers.attention import AttentionInputs, KVCache, LatentCache
 from moe_jax.layers.base import as_dtype, constrain, normal_init, param, project
 from moe_jax.model.block import block_class
 
@@ -30,7 +30,7 @@ class MTPModule(nn.Module):
 
   @nn.compact
   def __call__(self, h_prev_BTD, tokens_BT, embed_VD, head_fn, inputs: AttentionInputs, valid_BT,
-               cache: LatentCache | None = None):
+               cache: LatentCache | KVCache | None = None):
     """tokens_BT: t_{i+k} at position i. Returns (h^k [B,T,D] normed, logits [B,T,V] float32, MoEStats or None,
     the block's new cache entries or None)."""
     c = self.config

@@ -29,11 +29,12 @@ _DEFAULT_RULES = (
     ("batch", ("data", "fsdp", "expert")),  # tokens: every axis but tensor
     ("expert", "expert"),  # routed experts' leading axis
     ("vocab", "tensor"),  # embedding / head rows and the logits' vocab dim
-    ("heads", "tensor"),  # MLA heads (q, k, v up-projections and the output projection)
+    ("heads", "tensor"),  # attention heads (q, k, v up-projections and the output projection)
+    ("kv_heads", "tensor"),  # gqa's key/value heads (must divide by tensor, as heads)
     ("mlp", "tensor"),  # dense and shared-expert SwiGLU width
     ("expert_mlp", "tensor"),  # routed-expert SwiGLU width
     ("embed", "fsdp"),  # the model dim of every matrix (FSDP); activations keep it whole (batch took fsdp)
-    ("q_lora", None), ("kv_lora", None), ("qk_nope", None), ("qk_rope", None), ("v_head", None),
+    ("q_lora", None), ("kv_lora", None), ("qk_nope", None), ("qk_rope", None), ("v_head", None), ("qk_head", None),
     ("router_expert", None), ("norm", None), ("mtp_concat", None), ("layers", None), ("length", None),
 )
 
