@@ -19,74 +19,23 @@ fits, 216 per device need gradient accumulation (not in the trainer yet).
 
 import ml_collections
 
-from moe_jax.config import base_model_config
-from moe_jax.sharding import base_mesh_config
-from moe_jax.training.config import base_checkpoint_config, base_data_config, base_train_config
+from configs.paper import lfb_1b
 
-VOCAB = 32064
+STEPS = 56514
 
 
-def get_model_config() -> ml_collections.ConfigDict:
-  m = base_model_config()
-  m.vocab_size = VOCAB  # the paper's tokenizer
+def get_config() -> ml_collections.ConfigDict:
+  """The 1B run (lfb_1b.py) with the 3B model, batch, length and LR schedule."""
+  config = lfb_1b.get_config()
+  m = config.model
   m.hidden_size = 1280  # model width
   m.intermediate_size = 4096  # the standard FFN the granularity divides (unused: every layer is MoE)
   m.moe_intermediate_size = 1024  # 1/4 of 4096 (granularity 4)
   m.num_hidden_layers = 11  # 11 MoE layers
-  m.first_k_dense_replace = 0  # every layer MoE
   m.num_attention_heads = 10  # 10 heads of 128
-  m.attention_type = "mha"  # the paper's multi-head attention
-  m.q_lora_rank = None  # (MLA only)
-  m.kv_lora_rank = 512  # (MLA only; unused by mha)
-  m.qk_nope_head_dim = 64  # per-head query/key dims without RoPE
-  m.qk_rope_head_dim = 64  # per-head RoPE dims: 64 + 64 = 128-dim keys
-  m.v_head_dim = 128  # per-head value dims
-  m.n_routed_experts = 64  # routed experts
-  m.n_shared_experts = 2  # shared experts
-  m.num_experts_per_tok = 6  # top-6
-  m.n_group = 1  # plain top-K
-  m.topk_group = 1
-  m.topk_method = "noaux_tc"  # biased selection (loss-free balancing)
-  m.scoring_func = "sigmoid"  # the paper's gate
-  m.norm_topk_prob = True  # the K gates normalised
-  m.routed_scaling_factor = 1.0  # no extra scale
-  m.aux_loss_alpha = 0.0  # loss-free: no auxiliary loss (the baseline variant sets 1e-3)
-  m.seq_aux = False  # when an auxiliary loss is on: over the batch
-  m.num_nextn_predict_layers = 0  # no MTP
-  m.rope_scaling = None  # native context
-  m.max_position_embeddings = 2048  # = data.seq_len
-  m.initializer_range = 0.006  # DeepSeekMoE's init std
-  m.dtype = "bfloat16"  # accelerator compute
-  m.remat_policy = "full"  # activations rematerialised: 144 sequences per device per step
-  return m
-
-
-def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0  # init and data order
-  config.model = get_model_config()
-  config.data = base_data_config()
-  config.data.source = "jsonl"  # give --config.data.paths
-  config.data.tokenizer = "bpe"  # trained on the training split (or --config.data.tokenizer_path)
-  config.data.bpe_vocab_size = VOCAB  # = model.vocab_size
-  config.data.seq_len = 2048  # the paper's sequence length
   config.data.batch_size = 1728  # the paper's batch (sequences)
-  config.data.shuffle_window = 4096  # packed rows shuffled together
-  config.train = base_train_config()
-  config.train.num_steps = 56514  # 200B tokens
-  config.train.log_every = 50  # metrics.jsonl cadence (MaxVio_batch is averaged over these)
-  config.train.eval_every = 2000  # periodic held-out estimate
-  config.train.eval_batches = 16  # its size; the final evaluation covers the whole held-out split
+  config.train.num_steps = STEPS  # 200B tokens
   config.train.learning_rate = 7.8e-4  # first LR step
-  config.train.warmup_steps = 1000  # linear warm-up
   config.train.lr_final = 7.8e-4  # no cosine (= learning_rate): a multi-step schedule
-  config.train.lr_tail = ((45211, 2.47e-4), (50863, 7.8e-5))  # at 80% and 90% of the steps
-  config.train.bias_update_rate = 1e-3  # the paper's u
-  config.train.mtp_weight = 0.0  # no MTP
-  config.checkpoint = base_checkpoint_config()
-  config.checkpoint.every = 1000  # steps between checkpoints
-  config.checkpoint.keep = 3  # newest kept
-  config.mesh = base_mesh_config()
-  config.mesh.data = -1  # v5p-64: 4 (32 chips / fsdp)
-  config.mesh.fsdp = 8  # parameters, gradients and Adam state split 8 ways
+  config.train.lr_tail = ((int(0.8 * STEPS), 2.47e-4), (int(0.9 * STEPS), 7.8e-5))  # at 80% and 90% of the steps
   return config
