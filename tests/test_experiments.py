@@ -185,3 +185,20 @@ def test_experiments_notebook_shows_a_workdir(smoke, monkeypatch):
   images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
   assert "mtp: multi-token prediction" in text and "| depth1 | 0 | done |" in text and "The papers' claims" in text
   assert images >= 4
+
+
+def test_shared_tokenizer_is_moved_into_place_whole(tmp_path):
+  from experiments.framework.presets import cpu_base
+  from experiments.framework.sweep import _train_shared_tokenizer
+  from moe_jax.data import BPETokenizer
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(30):
+    (corpus / f"d{i}.txt").write_text(" ".join(rng.choice(["expert", "router", "token", "def", "x"], 200)))
+  data = cpu_base().data
+  data.source, data.paths, data.bpe_vocab_size = "text", (f"{corpus}/*.txt",), 300
+  data.tokenizer_path = str(tmp_path / "tokenizer.json")  # as the runner plans it
+  _train_shared_tokenizer(data, str(tmp_path), lambda m: None)
+  assert 257 < BPETokenizer.load(str(tmp_path / "tokenizer.json")).vocab_size <= 300  # few merges in 5 words
+  assert sorted(os.listdir(tmp_path)) == ["corpus", "tokenizer.json"]  # no temporary directory left

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -153,6 +155,19 @@ def extra_metrics(exp: Experiment, run: Run, log: Callable[[str], None]) -> dict
   return out
 
 
+def _train_shared_tokenizer(data_cfg, workdir: str, log) -> None:
+  """WORKDIR/tokenizer.json, trained in a private directory and moved into place in one rename: `--only` jobs
+  on several hosts may train it at once (BPE training is deterministic, so they write the same file)."""
+  data = ml_collections.ConfigDict(data_cfg.to_dict())
+  data.tokenizer_path = None
+  tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=workdir)
+  try:
+    load_or_train_tokenizer(data, tmp, log)
+    os.replace(os.path.join(tmp, "tokenizer.json"), os.path.join(workdir, "tokenizer.json"))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _enable_compile_cache(workdir: str) -> None:
   if jax.config.jax_compilation_cache_dir:  # the user chose one
     return
@@ -173,9 +188,7 @@ def run_experiment(exp: Experiment, workdir: str, *, scale: str = "cpu", seeds: 
   _enable_compile_cache(workdir)
   first = runs[0].config
   if first.data.tokenizer_path == os.path.join(workdir, "tokenizer.json") and not os.path.isfile(first.data.tokenizer_path):
-    data = ml_collections.ConfigDict(first.data.to_dict())
-    data.tokenizer_path = None
-    load_or_train_tokenizer(data, workdir, log)  # saved as WORKDIR/tokenizer.json
+    _train_shared_tokenizer(first.data, workdir, log)
 
   todo = [r for r in runs if not finished(r)]
   log(f"{exp.name} ({scale}): {len(runs)} run(s), {len(runs) - len(todo)} already finished, {len(todo)} to train "
