@@ -80,6 +80,10 @@ def base_model_config() -> ml_collections.ConfigDict:
   c.aux_loss_alpha = 0.0001  # weight alpha of the complementary balance loss (V3 eq. 17-20)
   c.seq_aux = True  # balance loss per sequence (V3) rather than per batch
   c.num_nextn_predict_layers = 1  # MTP depth J (0 = no MTP modules)
+  c.index_n_heads = None  # DeepSeek Sparse Attention (V3.2): lightning-indexer heads H^I (V3.2: 64); None = dense
+  #                         MLA (V3). The indexer reads c_Q, so it needs q_lora_rank
+  c.index_head_dim = 128  # indexer query/key dims D^I (RoPE on the first qk_rope_head_dim, half-split layout)
+  c.index_topk = 2048  # with the indexer: each query attends to its top-k scored visible tokens (V3.2: 2048)
   c.hidden_act = "silu"  # SwiGLU activation
   c.rms_norm_eps = 1e-6  # epsilon of the block and final RMSNorms
   c.rope_theta = 10000.0  # RoPE base
@@ -118,7 +122,8 @@ def base_model_config() -> ml_collections.ConfigDict:
 
 # Fields added after workdirs were first written, with the value that reproduces how those runs were built.
 _LEGACY_DEFAULTS = {"pad_vocab_to_multiple_of": 1, "decode_attention": "absorbed", "attention_impl": "xla",
-                    "attention_block_size": 512, "attention_type": "mla", "num_key_value_heads": None}
+                    "attention_block_size": 512, "attention_type": "mla", "num_key_value_heads": None,
+                    "index_n_heads": None, "index_head_dim": 128, "index_topk": 2048}
 
 
 def complete_model_config(c: Any) -> ml_collections.ConfigDict:
@@ -198,6 +203,16 @@ def validate_model_config(c: Any) -> None:
              f"own key: leave it None or = num_attention_heads={c.num_attention_heads})")
   _positive_int(c, "attention_block_size")
   _positive_int(c, "pad_vocab_to_multiple_of")
+  if c.index_n_heads is not None:
+    _positive_int(c, "index_n_heads")
+    _positive_int(c, "index_topk")
+    _positive_int(c, "index_head_dim")
+    _require(c.q_lora_rank is not None, "index_n_heads (DeepSeek Sparse Attention) needs q_lora_rank: the indexer "
+             "reads the query latent c_Q")
+    _require(c.index_head_dim % 2 == 0 and c.index_head_dim >= c.qk_rope_head_dim,
+             f"index_head_dim={c.index_head_dim} must be even and >= qk_rope_head_dim={c.qk_rope_head_dim} (RoPE "
+             "rotates its first qk_rope_head_dim dims)")
+    _require(c.attention_type == "mla", f"index_n_heads selects tokens for MLA; attention_type={c.attention_type!r}")
   _require(not c.attention_bias, "attention_bias=True is not supported (no DeepSeek release uses it)")
   _require(c.num_experts_per_tok <= c.n_routed_experts,
            f"num_experts_per_tok={c.num_experts_per_tok} > n_routed_experts={c.n_routed_experts}")
@@ -241,6 +256,11 @@ def softmax_scale(c: Any) -> float:
     m = yarn_mscale(rs.factor, rs.mscale_all_dim)
     scale *= m * m
   return scale
+
+
+def uses_indexer(c: Any) -> bool:
+  """DeepSeek Sparse Attention (V3.2): a lightning indexer picks the tokens MLA attends to."""
+  return c.get("index_n_heads") is not None
 
 
 def kv_heads(c: Any) -> int:

@@ -44,6 +44,38 @@ def rope(x, pos, freq):
   return out
 
 
+def rope_half(x, pos, freq):
+  """The half-split layout (the DSA indexer's): pairs (x_j, x_{j + d/2}) as complex numbers."""
+  inv_freq, attn_factor = freq
+  h = x.shape[-1] // 2
+  z = x[..., :h] + 1j * x[..., h:]
+  shape = (pos.shape[0],) + (1,) * (x.ndim - 2) + (inv_freq.shape[0],)
+  z = z * np.exp(1j * pos[:, None] * inv_freq[None]).reshape(shape) * attn_factor
+  return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def layernorm(x, g, b, eps=1e-6):
+  mu = x.mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * g + b
+
+
+def index_selection(p, x, cq, pos, seg, cfg, freq):
+  """DSA's lightning indexer: for each query t the set of the top-`index_topk` visible tokens by
+  I_t,s = sum_j w_t,j ReLU(q_t,j . k_s / sqrt(D^I)), w = weights_proj(x) / sqrt(H^I)."""
+  T, R, Di, Hi = x.shape[0], cfg.qk_rope_head_dim, cfg.index_head_dim, cfg.index_n_heads
+  q = np.einsum("tq,qhd->thd", cq, p["wq_b"])
+  q = np.concatenate([rope_half(q[..., :R], pos, freq), q[..., R:]], -1)
+  k = layernorm(x @ p["wk"], p["k_norm"]["scale"], p["k_norm"]["bias"])
+  k = np.concatenate([rope_half(k[..., :R], pos, freq), k[..., R:]], -1)
+  w = (x @ p["weights_proj"]) / math.sqrt(Hi)
+  chosen = []
+  for t in range(T):
+    js = [j for j in range(t + 1) if seg[j] == seg[t]]
+    score = {j: sum(w[t, h] * max(q[t, h] @ k[j] / math.sqrt(Di), 0.0) for h in range(Hi)) for j in js}
+    chosen.append(set(sorted(js, key=lambda j: -score[j])[:cfg.index_topk]))
+  return chosen
+
+
 def mla(p, x, pos, seg, cfg, scale, freq):
   T = x.shape[0]
   H, N = cfg.num_attention_heads, cfg.qk_nope_head_dim
@@ -56,10 +88,11 @@ def mla(p, x, pos, seg, cfg, scale, freq):
   ckv = rmsnorm(x @ p["w_dkv"], p["kv_norm"]["scale"], 1e-6)
   kr = rope(x @ p["w_kr"], pos, freq)
   kn, v = np.einsum("tc,chn->thn", ckv, p["w_uk"]), np.einsum("tc,chv->thv", ckv, p["w_uv"])
+  chosen = index_selection(p["indexer"], x, cq, pos, seg, cfg, freq) if cfg.get("index_n_heads") else None
   out = np.zeros((T, H, v.shape[-1]))
   for h in range(H):
     for t in range(T):
-      js = [j for j in range(t + 1) if seg[j] == seg[t]]
+      js = [j for j in range(t + 1) if seg[j] == seg[t] and (chosen is None or j in chosen[t])]
       s = np.array([(qn[t, h] @ kn[j, h] + qr[t, h] @ kr[j]) * scale for j in js])
       w = np.exp(s - s.max())
       w /= w.sum()

@@ -117,3 +117,31 @@ def test_save_refuses_mismatched_params_and_unpublished_configs(tmp_path):
   huggingface.save(cfg, variables, str(tmp_path / "c"))
   with pytest.raises(FileExistsError, match="overwrite=True"):
     huggingface.save(cfg, variables, str(tmp_path / "c"))
+
+
+def test_v32_sparse_attention_model_round_trips_and_generates_like_transformers(tmp_path):
+  """A DSA model (index_topk below the lengths used) exports as deepseek_v32; transformers' logits and greedy
+  generation (with its own indexer-key cache) equal ours, plain and MTP-speculative."""
+  from transformers import DeepseekV32ForCausalLM
+
+  from moe_jax.inference import Generator
+  from moe_jax.interop.hf_layout import checkpoint_layout
+  cfg = tiny_config(dtype="float32", initializer_range=0.1, index_n_heads=16, index_head_dim=16, index_topk=5)
+  model, variables = init_params(cfg)
+  variables = random_bias(variables)
+  huggingface.save(cfg, variables, str(tmp_path))
+  hf_cfg = json.load(open(tmp_path / "config.json"))
+  assert hf_cfg["model_type"] == "deepseek_v32" and hf_cfg["index_topk"] == 5
+  assert "model.layers.1.self_attn.indexer.weights_proj.weight" in checkpoint_layout(cfg)
+  hf = DeepseekV32ForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+  tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 20))
+  ours, _ = jax.jit(model.apply)(variables, jnp.asarray(tokens))
+  with torch.no_grad():
+    assert max_rel_err(ours, hf(torch.as_tensor(tokens)).logits.numpy()) <= 1e-4
+    want = hf.generate(torch.as_tensor(tokens[:1, :8]), max_new_tokens=12, do_sample=False)[0, 8:].tolist()
+  gen = Generator(variables, cfg, max_len=32)
+  assert gen.generate([tokens[0, :8].tolist()], max_new_tokens=12).tokens[0] == want
+  assert gen.generate([tokens[0, :8].tolist()], max_new_tokens=12, speculative=True).tokens[0] == want
+  cfg2, variables2 = huggingface.load(str(tmp_path), jnp.float32)
+  assert cfg2.index_n_heads == 16 and cfg2.index_topk == 5
+  jax.tree.map(np.testing.assert_array_equal, variables2, jax.tree.map(np.asarray, variables))

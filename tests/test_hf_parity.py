@@ -1,4 +1,4 @@
-"""Parity with transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM (an implementation nobody here wrote):
+"""Parity with transformers' DeepseekV3ForCausalLM / DeepseekV2ForCausalLM / DeepseekV32ForCausalLM (an implementation nobody here wrote):
 tiny random models saved with save_pretrained, loaded with moe_jax.interop.huggingface.load, logits compared in
 float32 (max error relative to the largest logit <= 1e-4)."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_models import hf_logits, make_v2, make_v3
+from hf_models import hf_logits, make_v2, make_v3, make_v32
 from helpers import max_rel_err
 from moe_jax.interop import huggingface
 from moe_jax.layers.router import select_experts
@@ -21,6 +21,8 @@ CASES = {
     "v3_no_qlora_no_yarn": lambda p: make_v3(p, q_lora_rank=None, yarn=False),
     "v3_unnormalised": lambda p: make_v3(p, norm_topk_prob=False, routed_scaling_factor=1.0, seed=3),
     "v2_softmax_greedy": lambda p: make_v2(p),
+    "v32_dsa_yarn": lambda p: make_v32(p),
+    "v32_dsa_no_yarn": lambda p: make_v32(p, yarn=False, seed=2),
     "v2_group_limited_qlora": lambda p: make_v2(p, topk_method="group_limited_greedy", q_lora_rank=24, seed=1),
 }
 

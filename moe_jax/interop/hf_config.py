@@ -1,8 +1,10 @@
-"""DeepSeek-V2/V3 `config.json` <-> moe_jax model ConfigDict.
+"""DeepSeek-V2/V3/V3.2 `config.json` <-> moe_jax model ConfigDict.
 
 Fields with the same name copy over 1:1. The differences handled here:
 - RoPE: published configs write `rope_theta` plus `rope_scaling` ({"type": "yarn", ...}); transformers >= 5
   writes `rope_parameters` ({"rope_type": ..., "rope_theta": ..., ...}). Both are read.
+- V3.2 (`deepseek_v32`) is V3 plus DeepSeek Sparse Attention: `index_n_heads`, `index_head_dim`, `index_topk`
+  (in moe_jax a V3 config has index_n_heads None); its MLA always rotates interleaved pairs.
 - transformers' V3 config may call the MTP depth `num_mtp_layers`; V2 configs leave `n_group`/`topk_group`
   empty (no grouping) and have no `scoring_func` (V2 is softmax) nor `rope_interleave` (V2 always interleaves).
 """
@@ -13,9 +15,10 @@ from typing import Any
 
 import ml_collections
 
-from moe_jax.config import base_model_config, yarn_rope_scaling
+from moe_jax.config import base_model_config, uses_indexer, yarn_rope_scaling
 
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+_INDEX_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")  # V3.2 only
 # Fields that are architecture (copied from config.json); the rest of the schema is moe_jax's own.
 _ARCH_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
@@ -82,14 +85,15 @@ def model_config_from_hf(hf: dict) -> ml_collections.ConfigDict:
   hf = dict(hf)
   if "num_nextn_predict_layers" not in hf and "num_mtp_layers" in hf:
     hf["num_nextn_predict_layers"] = hf["num_mtp_layers"]
-  for name in _ARCH_FIELDS:
+  fields = _ARCH_FIELDS + (_INDEX_FIELDS if model_type == "deepseek_v32" else ())
+  for name in fields:
     if hf.get(name) is not None:
       c[name] = type(c[name])(hf[name]) if c[name] is not None and not isinstance(c[name], bool) else hf[name]
   if hf.get("q_lora_rank") is None:
     c.q_lora_rank = None
   if hf.get("n_group") is None:
     c.n_group, c.topk_group = 1, 1
-  if v2:
+  if v2 or model_type == "deepseek_v32":
     c.rope_interleave = True
   c.rope_theta, c.rope_scaling = _rope_from_hf(hf)
   return c
@@ -109,7 +113,13 @@ def hf_config_from_model(cfg: Any, dtype: str = "float32") -> dict:
   """
   if cfg.get("attention_type", "mla") != "mla":
     raise ValueError(f"attention_type={cfg.attention_type!r} has no DeepSeek-V2/V3 checkpoint format (they use MLA)")
-  if cfg.scoring_func == "sigmoid" and cfg.topk_method == "noaux_tc":
+  if cfg.scoring_func == "sigmoid" and cfg.topk_method == "noaux_tc" and uses_indexer(cfg):
+    model_type, arch = "deepseek_v32", "DeepseekV32ForCausalLM"
+    if not cfg.rope_interleave:
+      raise ValueError("rope_interleave=False cannot be exported as deepseek_v32 (V3.2 always interleaves)")
+  elif uses_indexer(cfg):
+    raise ValueError("a model with the DSA indexer exports only as deepseek_v32: sigmoid + noaux_tc routing")
+  elif cfg.scoring_func == "sigmoid" and cfg.topk_method == "noaux_tc":
     model_type, arch = "deepseek_v3", "DeepseekV3ForCausalLM"
   elif cfg.scoring_func == "softmax" and cfg.topk_method in ("greedy", "group_limited_greedy"):
     model_type, arch = "deepseek_v2", "DeepseekV2ForCausalLM"
@@ -125,6 +135,9 @@ def hf_config_from_model(cfg: Any, dtype: str = "float32") -> dict:
   if model_type == "deepseek_v2":
     hf.pop("rope_interleave")
     hf.pop("num_nextn_predict_layers")
+  if model_type == "deepseek_v32":
+    hf.pop("rope_interleave")
+    hf.update({name: cfg[name] for name in _INDEX_FIELDS})
   if cfg.topk_method == "greedy" or cfg.n_group <= 1:
     hf["n_group"], hf["topk_group"] = (None, None) if model_type == "deepseek_v2" else (1, 1)
   if cfg.rope_scaling is None:

@@ -1,4 +1,4 @@
-"""The tensor layout of DeepSeek-V2/V3 checkpoints (HF names) and how each maps onto moe_jax parameters.
+"""The tensor layout of DeepSeek-V2/V3/V3.2 checkpoints (HF names) and how each maps onto moe_jax parameters.
 
 `checkpoint_layout(cfg)` returns {hf_key: HFTensor}. An HFTensor knows its HF shape, how to cut the (torch-layout,
 [out, in]) array into moe_jax variables (`assign`: a list of (path, index -- into a stacked leading axis, the true-
@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from moe_jax.config import mtp_block_is_moe
+from moe_jax.config import mtp_block_is_moe, uses_indexer
 from moe_jax.layers.router import BIAS_COLLECTION, BIAS_NAME
 
 Assignment = tuple[tuple[str, ...], tuple, np.ndarray]
@@ -70,6 +70,12 @@ def _out_proj(path, index, heads, v_dim, d):
   return (lambda w: [(path, index, w.T.reshape(heads, v_dim, d))]), (lambda get: get(path, index).reshape(-1, d).T)
 
 
+def _heads_linear(path, heads, index=()):
+  """[H*d, in] <-> [in, H, d]."""
+  return ((lambda w: [(path, index, w.T.reshape(w.shape[1], heads, -1))]),
+          (lambda get: get(path, index).reshape(get(path, index).shape[0], -1).T))
+
+
 def _copy_of(path, index=()):
   """A tensor the checkpoint repeats (the MTP layer's embedding / head): nothing to load, exported from `path`."""
   return (lambda w: []), (lambda get: get(path, index))
@@ -99,6 +105,13 @@ def _block_layout(cfg: Any, hf_prefix: str, prefix: tuple[str, ...], idx: tuple[
   else:
     t["self_attn.q_proj.weight"] = HFTensor(
         (H * (N + R), D), *_split_heads(a + ("wq_nope",), a + ("wq_rope",), H, N, idx), True)
+  if uses_indexer(cfg):  # V3.2's lightning indexer (moe_jax.layers.indexer)
+    Q, Hi, Di, x = cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim, a + ("indexer",)
+    t["self_attn.indexer.wq_b.weight"] = HFTensor((Hi * Di, Q), *_heads_linear(x + ("wq_b",), Hi, idx))
+    t["self_attn.indexer.wk.weight"] = HFTensor((Di, D), *_linear(x + ("wk",), idx))
+    t["self_attn.indexer.k_norm.weight"] = HFTensor((Di,), *_vector(x + ("k_norm", "scale"), idx))
+    t["self_attn.indexer.k_norm.bias"] = HFTensor((Di,), *_vector(x + ("k_norm", "bias"), idx))
+    t["self_attn.indexer.weights_proj.weight"] = HFTensor((Hi, D), *_linear(x + ("weights_proj",), idx))
   if not is_moe:
     m, Fd = prefix + ("mlp",), cfg.intermediate_size
     t["mlp.gate_proj.weight"] = HFTensor((Fd, D), *_linear(m + ("wi_gate",), idx), True)

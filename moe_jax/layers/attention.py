@@ -42,9 +42,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.config import kv_heads, softmax_scale
+from moe_jax.config import kv_heads, softmax_scale, uses_indexer
 from moe_jax.kernels.attention import attend, resolve_attention
 from moe_jax.layers.base import as_dtype, constrain, normal_init, param, project
+from moe_jax.layers.indexer import Indexer
 from moe_jax.layers.norm import RMSNorm
 from moe_jax.layers.rope import apply_rope, rope_cos_sin
 
@@ -54,9 +55,11 @@ LATENT_NORM_EPS = 1e-6
 
 
 class LatentCache(NamedTuple):
-  """One MLA layer's cache entries: per token only c_KV and the RoPE'd shared key k^R (576 values for V3)."""
+  """One MLA layer's cache entries: per token only c_KV and the RoPE'd shared key k^R (576 values for V3), and
+  with DeepSeek Sparse Attention the indexer's key (moe_jax.layers.indexer)."""
   ckv_BSC: jax.Array  # normalised kv latents c_KV
   kpe_BSR: jax.Array  # RoPE'd shared keys k^R
+  index_k_BSd: jax.Array | None = None  # DSA: the lightning indexer's keys k^I [B, S, index_head_dim]
 
 
 class KVCache(NamedTuple):
@@ -91,7 +94,7 @@ def attention_inputs(cfg: Any, positions_BT, segment_ids_BT, cache_length_B=None
   cached = None
   if cache_length_B is not None:
     cached = (jnp.arange(cache_slots)[None, :] < cache_length_B[:, None])[:, None, None, :]
-  einsum_form = cache_length_B is not None or resolve_attention(cfg.attention_impl) == "xla"
+  einsum_form = cache_length_B is not None or resolve_attention(cfg.attention_impl) == "xla" or uses_indexer(cfg)
   return AttentionInputs(cos_BTR, sin_BTR, segment_ids_BT, attention_mask(segment_ids_BT) if einsum_form else None,
                          cached)
 
@@ -100,7 +103,8 @@ class MLA(nn.Module):
   config: Any
 
   def _project(self, x_BTD, inputs: AttentionInputs):
-    """The one place q (no-RoPE and RoPE parts), c_KV and k^R are built from the block input."""
+    """The one place q (no-RoPE and RoPE parts), c_KV and k^R are built from the block input; also returns the
+    query latent c_Q (None without q_lora_rank), which the DSA indexer reads."""
     c = self.config
     dtype, pdtype, init = as_dtype(c.dtype), as_dtype(c.param_dtype), normal_init(c)
     D, H, N, R = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
@@ -118,6 +122,7 @@ class MLA(nn.Module):
       wq_rope = param(self, "wq_rope", (D, H, R), ("embed", "heads", "qk_rope"), init, pdtype)
       q_nope_BTHN = mm(x_BTD, wq_nope)
       q_rope_BTHR = mm(x_BTD, wq_rope)
+      cq_BTQ = None
     q_rope_BTHR = apply_rope(q_rope_BTHR, inputs.cos_BTR, inputs.sin_BTR, c.rope_interleave)
     C = c.kv_lora_rank
     w_dkv = param(self, "w_dkv", (D, C), ("embed", "kv_lora"), init, pdtype)
@@ -125,7 +130,7 @@ class MLA(nn.Module):
     ckv_BTC = RMSNorm(LATENT_NORM_EPS, dtype, pdtype, axis_name="kv_lora", name="kv_norm")(mm(x_BTD, w_dkv))
     ckv_BTC = constrain(ckv_BTC, ("batch", "length", "kv_lora"))
     kpe_BTR = apply_rope(mm(x_BTD, w_kr), inputs.cos_BTR, inputs.sin_BTR, c.rope_interleave)
-    return q_nope_BTHN, q_rope_BTHR, LatentCache(ckv_BTC, kpe_BTR)
+    return q_nope_BTHN, q_rope_BTHR, LatentCache(ckv_BTC, kpe_BTR), cq_BTQ
 
   @nn.compact
   def __call__(self, x_BTD, inputs: AttentionInputs, cache: LatentCache | None = None):
@@ -136,10 +141,12 @@ class MLA(nn.Module):
     c = self.config
     dtype, pdtype, init = as_dtype(c.dtype), as_dtype(c.param_dtype), normal_init(c)
     D, H, N, A, C = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
-    q_nope_BTHN, q_rope_BTHR, new = self._project(x_BTD.astype(dtype), inputs)
+    q_nope_BTHN, q_rope_BTHR, new, cq_BTQ = self._project(x_BTD.astype(dtype), inputs)
     w_uk_CHN = param(self, "w_uk", (C, H, N), ("kv_lora", "heads", "qk_nope"), init, pdtype).astype(dtype)
     w_uv_CHA = param(self, "w_uv", (C, H, A), ("kv_lora", "heads", "v_head"), init, pdtype).astype(dtype)
-    impl = "xla" if cache is not None else resolve_attention(c.attention_impl)
+    dsa = uses_indexer(c)
+    # DSA selects keys per query by a mask the einsum form applies (a gathered sparse form: not yet).
+    impl = "xla" if cache is not None or dsa else resolve_attention(c.attention_impl)
     if impl != "xla":  # a kernel backend (moe_jax.kernels.attention): per-head keys and values, no [T, T] mask
       k_nope_BTHN = project(new.ckv_BSC, w_uk_CHN)
       v_BTHA = project(new.ckv_BSC, w_uv_CHA)
@@ -149,6 +156,12 @@ class MLA(nn.Module):
       blocks = [(new, inputs.mask_B1TT)]
       if cache is not None:
         blocks.insert(0, (LatentCache(cache.ckv_BSC.astype(dtype), cache.kpe_BSR.astype(dtype)), inputs.cached_B11S))
+      if dsa:  # each query keeps only the keys the indexer selects, in every block
+        prev = [] if cache is None else [cache.index_k_BSd]
+        prev_vis = [] if cache is None else [inputs.cached_B11S]
+        selected, index_k_BTd = Indexer(c, name="indexer")(x_BTD, cq_BTQ, inputs, prev, prev_vis)
+        blocks = [(keys, sel) for (keys, _), sel in zip(blocks, selected)]
+        new = new._replace(index_k_BSd=index_k_BTd)
       absorb = cache is not None and c.decode_attention == "absorbed"
       o_BTHA = _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb, softmax_scale(c), dtype)
     o_BTHA = constrain(o_BTHA, ("batch", "length", "heads", "v_head"))

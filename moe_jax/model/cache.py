@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe_jax.config import kv_heads, n_moe_layers
+from moe_jax.config import kv_heads, n_moe_layers, uses_indexer
 from moe_jax.layers.attention import KVCache, LatentCache
 from moe_jax.layers.base import as_dtype
 
@@ -49,8 +49,9 @@ def init_cache(cfg: Any, batch: int, max_len: int, dtype=None) -> DecodeCache:
       k = kv_heads(cfg)
       return KVCache(jnp.zeros(lead + (batch, max_len, k, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim), dtype),
                      jnp.zeros(lead + (batch, max_len, k, cfg.v_head_dim), dtype))
+    index_k = jnp.zeros(lead + (batch, max_len, cfg.index_head_dim), dtype) if uses_indexer(cfg) else None
     return LatentCache(jnp.zeros(lead + (batch, max_len, cfg.kv_lora_rank), dtype),
-                       jnp.zeros(lead + (batch, max_len, cfg.qk_rope_head_dim), dtype))
+                       jnp.zeros(lead + (batch, max_len, cfg.qk_rope_head_dim), dtype), index_k)
 
   sizes = {"dense_layers": cfg.first_k_dense_replace, "moe_layers": n_moe_layers(cfg)}
   layers = {g: make(n) for g, n in sizes.items() if n}
@@ -73,7 +74,7 @@ def write_entries(buf, new, start_B, batch_axis: int = 0):
     return jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=batch_axis)
 
   write = jax.vmap(one, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)
-  return type(buf)(*(write(b, n, start_B) for b, n in zip(buf, new)))
+  return type(buf)(*(None if b is None else write(b, n, start_B) for b, n in zip(buf, new)))
 
 
 def append_layers(cache: DecodeCache, entries: dict, T: int) -> DecodeCache:
@@ -92,4 +93,5 @@ def cache_bytes_per_token(cfg: Any, dtype=jnp.bfloat16) -> int:
   key and value, kv_heads x (qk_nope_head_dim + qk_rope_head_dim + v_head_dim) x dtype bytes."""
   if cfg.get("attention_type", "mla") != "mla":
     return kv_heads(cfg) * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * jnp.dtype(dtype).itemsize
-  return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * jnp.dtype(dtype).itemsize
+  index = cfg.index_head_dim if uses_indexer(cfg) else 0  # DSA: the indexer's key beside c_KV and k^R
+  return (cfg.kv_lora_rank + cfg.qk_rope_head_dim + index) * jnp.dtype(dtype).itemsize

@@ -35,6 +35,7 @@ _DEFAULT_RULES = (
     ("expert_mlp", "tensor"),  # routed-expert SwiGLU width
     ("embed", "fsdp"),  # the model dim of every matrix (FSDP); activations keep it whole (batch took fsdp)
     ("q_lora", None), ("kv_lora", None), ("qk_nope", None), ("qk_rope", None), ("v_head", None), ("qk_head", None),
+    ("index_heads", None), ("index_head", None),  # the DSA indexer: small, replicated
     ("router_expert", None), ("norm", None), ("mtp_concat", None), ("layers", None), ("length", None),
 )
 

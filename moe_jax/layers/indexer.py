@@ -1,0 +1,89 @@
+"""DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2-Exp report, sec. 2.1): which tokens MLA attends to.
+
+With h_t the block input and c_Q the query latent MLA already computes (q_norm(W_DQ h_t)):
+  q^I_t,j = RoPE(W^IQ_j c_Q_t)          [H^I heads, D^I]   (RoPE on the first d^R dims, half-split layout)
+  k^I_s   = RoPE(LayerNorm(W^IK h_s))   [D^I], one key per token, shared by the heads (cached for decoding)
+  w_t,j   = (W^w h_t)_j / sqrt(H^I)     per-token head weights
+  I_t,s   = sum_j w_t,j * ReLU(q^I_t,j . k^I_s / sqrt(D^I))
+and query t attends to the top-`index_topk` visible tokens s by I_t,s (all of them when fewer are visible).
+Visible = what dense MLA would see: causal, the same document (segment_ids), the valid cache slots. The selection
+is a top-k, so no gradient reaches the indexer through the language-modelling loss; V3.2 trains it with its own
+KL loss towards the main attention. Scores in float32 (the release scores in FP8 after a Hadamard rotation, which
+preserves dot products; transformers' reference skips both, as here).
+
+Parameter names follow the release (wq_b, wk, k_norm, weights_proj).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from moe_jax.layers.base import as_dtype, normal_init, param, project
+from moe_jax.layers.rope import apply_rope
+
+INDEX_NORM_EPS = 1e-6  # the release's LayerNorm eps
+
+
+class IndexerKeyNorm(nn.Module):
+  """LayerNorm with scale and bias over the indexer key dims (the release uses LayerNorm here, not RMSNorm)."""
+
+  @nn.compact
+  def __call__(self, x):
+    D = x.shape[-1]
+    scale = param(self, "scale", (D,), ("index_head",), nn.initializers.ones, jnp.float32)
+    bias = param(self, "bias", (D,), ("index_head",), nn.initializers.zeros, jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return (x32 - mean) * jax.lax.rsqrt(var + INDEX_NORM_EPS) * scale + bias
+
+
+class Indexer(nn.Module):
+  config: Any
+
+  def _rope(self, x, inputs):
+    R = self.config.qk_rope_head_dim
+    rot = apply_rope(x[..., :R], inputs.cos_BTR, inputs.sin_BTR, interleave=False)
+    return jnp.concatenate([rot, x[..., R:]], axis=-1)
+
+  @nn.compact
+  def __call__(self, x_BTD, cq_BTQ, inputs, keys: list, visible: list):
+    """(the selection per key block [B, 1, T, S_i] bool, the T tokens' indexer keys [B, T, D^I] float32).
+    Shape letters: h = indexer heads H^I, d = indexer head dims D^I.
+
+    keys / visible: the key blocks before this call's own (the cache: [B, S, D^I] and its [B, 1, 1 | T, S] mask);
+    this call's tokens are appended as the last block with `inputs.mask_B1TT`.
+    """
+    c = self.config
+    D, Q, Hi, Di = c.hidden_size, c.q_lora_rank, c.index_n_heads, c.index_head_dim
+    init, pdtype = normal_init(c), as_dtype(c.param_dtype)
+    f32 = jnp.float32
+    wq_b = param(self, "wq_b", (Q, Hi, Di), ("q_lora", "index_heads", "index_head"), init, pdtype)
+    wk = param(self, "wk", (D, Di), ("embed", "index_head"), init, pdtype)
+    # float32 as transformers keeps it: the head weights scale every score
+    w_proj = param(self, "weights_proj", (D, Hi), ("embed", "index_heads"), init, jnp.float32)
+    q_BThd = self._rope(project(cq_BTQ.astype(f32), wq_b.astype(f32)), inputs)
+    k_BTd = self._rope(IndexerKeyNorm(name="k_norm")(project(x_BTD.astype(f32), wk.astype(f32))), inputs)
+    w_BTh = project(x_BTD.astype(f32), w_proj) * Hi ** -0.5
+    blocks_k = list(keys) + [k_BTd]
+    blocks_vis = list(visible) + [inputs.mask_B1TT]
+    scores = []
+    for k_BSd, vis in zip(blocks_k, blocks_vis):
+      dots_BThS = jnp.einsum("bthd,bsd->bths", q_BThd, k_BSd.astype(f32)) * Di ** -0.5
+      s_BTS = jnp.einsum("bth,bths->bts", w_BTh, jax.nn.relu(dots_BThS))
+      scores.append(jnp.where(vis[:, 0], s_BTS, -jnp.inf))
+    all_BTS = jnp.concatenate(scores, axis=-1)
+    k = min(c.index_topk, all_BTS.shape[-1])
+    _, top_BTK = jax.lax.top_k(all_BTS, k)
+    chosen_BTS = jnp.zeros(all_BTS.shape, bool)
+    chosen_BTS = jnp.put_along_axis(chosen_BTS, top_BTK, True, axis=-1, inplace=False)
+    out, start = [], 0
+    for vis in blocks_vis:
+      S = vis.shape[-1]
+      out.append(chosen_BTS[:, None, :, start:start + S] & vis)  # never a token dense MLA would not see
+      start += S
+    return out, k_BTd

@@ -1,0 +1,116 @@
+"""DeepSeek Sparse Attention (V3.2): the lightning indexer's selection against a float64 numpy rendering, the whole
+model with index_topk below the sequence length against the numpy reference, cached decoding equal to the full
+forward, and the config checks."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import traverse_util
+
+from helpers import init_params, max_rel_err, merged_params, random_bias, tiny_config, to_numpy64
+import numpy_reference as ref
+from moe_jax.config import validate_model_config
+from moe_jax.inference import Generator, cache_bytes_per_token, init_cache
+from moe_jax.layers.attention import attention_inputs
+from moe_jax.layers.indexer import Indexer
+
+DSA = dict(index_n_heads=4, index_head_dim=16, index_topk=4)
+
+
+def _spread_indexer(variables, scale=30.0):
+  """Indexer weights scaled up so scores are far apart: no near-tie can flip between float32 and float64."""
+  flat = traverse_util.flatten_dict(variables["params"], sep="/")
+  flat = {k: (v * scale if "/indexer/" in k and not k.endswith("k_norm/scale") else v) for k, v in flat.items()}
+  flat = {k: (v + 0.5 * jax.random.normal(jax.random.key(len(k)), v.shape) if k.endswith("k_norm/bias") else v)
+          for k, v in flat.items()}
+  return {**variables, "params": traverse_util.unflatten_dict(flat, sep="/")}
+
+
+def _docs():
+  seg = np.array([[1] * 5 + [2] * 9, [1] * 14])
+  pos = np.array([list(range(5)) + list(range(9)), list(range(14))])
+  return seg, pos
+
+
+def test_indexer_selection_matches_numpy_top_k():
+  cfg = tiny_config(**DSA)
+  B, T = 2, 14
+  seg, pos = _docs()
+  x = jax.random.normal(jax.random.key(0), (B, T, cfg.hidden_size))
+  cq = jax.random.normal(jax.random.key(1), (B, T, cfg.q_lora_rank))
+  inputs = attention_inputs(cfg, jnp.asarray(pos), jnp.asarray(seg))
+  mod = Indexer(cfg)
+  params = nn.meta.unbox(mod.init(jax.random.key(2), x, cq, inputs, [], [])["params"])
+  params = jax.tree.map(lambda a: a * 30.0, params)
+  (selected,), keys = mod.apply({"params": params}, x, cq, inputs, [], [])
+  assert selected.shape == (B, 1, T, T) and keys.shape == (B, T, cfg.index_head_dim)
+  p64 = to_numpy64(params)
+  freq = ref.yarn_inv_freq(cfg)
+  for b in range(B):
+    want = ref.index_selection(p64, np.asarray(x[b], np.float64), np.asarray(cq[b], np.float64), pos[b], seg[b], cfg,
+                               freq)
+    got = [set(np.flatnonzero(np.asarray(selected[b, 0, t]))) for t in range(T)]
+    assert got == want
+  assert max(len(s) for s in got) == cfg.index_topk  # the top-k really cuts
+
+
+@pytest.fixture(scope="module")
+def dsa_model():
+  cfg = tiny_config(num_nextn_predict_layers=1, **DSA)
+  model, variables = init_params(cfg)
+  return cfg, model, _spread_indexer(random_bias(variables))
+
+
+def test_model_with_sparse_attention_matches_numpy_reference(dsa_model):
+  cfg, model, variables = dsa_model
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 14))
+  seg, pos = _docs()
+  logits, aux = jax.jit(model.apply)(variables, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos))
+  p64 = to_numpy64(merged_params(variables))
+  for b in range(2):
+    want, want_mtp = ref.forward(p64, tokens[b], cfg, pos[b], seg[b])
+    assert max_rel_err(logits[b], want) < 1e-4
+    assert max_rel_err(aux["mtp_logits"][:, b], want_mtp) < 1e-4
+  dense_cfg = tiny_config(num_nextn_predict_layers=1)  # the same weights without the indexer differ: it selects
+  dense = {"params": {k: v for k, v in variables["params"].items()}, "router": variables["router"]}
+  for name, layer in dense["params"].items():
+    if isinstance(layer, dict) and "attn" in layer:
+      dense["params"][name] = {**layer, "attn": {k: v for k, v in layer["attn"].items() if k != "indexer"}}
+  from moe_jax.model import Transformer
+  dense_logits, _ = Transformer(dense_cfg).apply(dense, jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos))
+  assert max_rel_err(dense_logits, logits) > 1e-3
+
+
+def test_prefill_and_decode_with_the_indexer_equal_the_full_forward(dsa_model):
+  cfg, model, variables = dsa_model
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, size=(2, 12)))
+  full, _ = model.apply(variables, tokens)
+  cache = init_cache(cfg, 2, 16, jnp.float32)
+  assert cache.layers["moe_layers"].index_k_BSd.shape == (2, 2, 16, cfg.index_head_dim)
+  apply = jax.jit(model.apply)
+  out, _, cache = apply(variables, tokens[:, :6], cache=cache)
+  outs = [out]
+  for t in range(6, 12):  # decoding well past index_topk = 4 visible tokens
+    out, _, cache = apply(variables, tokens[:, t:t + 1], cache=cache)
+    outs.append(out)
+  chex.assert_trees_all_close(jnp.concatenate(outs, 1), full, rtol=2e-5, atol=2e-5)
+  gen = Generator(variables, cfg, max_len=32)
+  prompts = [[1, 5, 9, 3, 7, 2], [2, 7]]
+  assert gen.generate(prompts, max_new_tokens=8).tokens == gen.generate(prompts, max_new_tokens=8,
+                                                                         speculative=True).tokens
+
+
+def test_cache_bytes_and_config_errors():
+  from configs import deepseek_v3
+  v32 = deepseek_v3.get_model_config()
+  v32.index_n_heads, v32.index_head_dim, v32.index_topk = 64, 128, 2048
+  assert cache_bytes_per_token(v32) == (512 + 64 + 128) * 2  # the indexer key beside MLA's 576 values
+  for bad, message in [(dict(DSA, index_topk=0), "index_topk must be a positive integer"),
+                       (dict(DSA, index_head_dim=6), "index_head_dim=6 must be even and >= qk_rope_head_dim=8"),
+                       (dict(DSA, index_head_dim=15), "must be even"),
+                       (dict(DSA, q_lora_rank=None), "needs q_lora_rank")]:
+    with pytest.raises(ValueError, match=message):
+      validate_model_config(tiny_config(**bad))
