@@ -20,6 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MOE_DISPATCHES = ("dropless", "capacity")
 DECODE_ATTENTIONS = ("absorbed", "naive")
+INDEX_STAGES = ("sparse", "dense_warmup")
 ATTENTION_TYPES = ("mla", "mha", "gqa")
 ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")  # "auto" + kernels.attention.ATTENTION_IMPLS
 GMM_BACKENDS = ("auto", "tiled", "ragged_dot", "megablox", "mgpu_ragged_dot", "tokamax", "pallas_tpu",
@@ -84,6 +85,9 @@ def base_model_config() -> ml_collections.ConfigDict:
   #                         MLA (V3). The indexer reads c_Q, so it needs q_lora_rank
   c.index_head_dim = 128  # indexer query/key dims D^I (RoPE on the first qk_rope_head_dim, half-split layout)
   c.index_topk = 2048  # with the indexer: each query attends to its top-k scored visible tokens (V3.2: 2048)
+  c.index_stage = "sparse"  # sparse: MLA attends to the indexer's top-k (V3.2 sparse training and inference; the
+  #                           indexer's input is detached and its KL loss covers the selected tokens) |
+  #                           dense_warmup: dense MLA, the indexer learns towards the whole attention distribution
   c.hidden_act = "silu"  # SwiGLU activation
   c.rms_norm_eps = 1e-6  # epsilon of the block and final RMSNorms
   c.rope_theta = 10000.0  # RoPE base
@@ -123,7 +127,7 @@ def base_model_config() -> ml_collections.ConfigDict:
 # Fields added after workdirs were first written, with the value that reproduces how those runs were built.
 _LEGACY_DEFAULTS = {"pad_vocab_to_multiple_of": 1, "decode_attention": "absorbed", "attention_impl": "xla",
                     "attention_block_size": 512, "attention_type": "mla", "num_key_value_heads": None,
-                    "index_n_heads": None, "index_head_dim": 128, "index_topk": 2048}
+                    "index_n_heads": None, "index_head_dim": 128, "index_topk": 2048, "index_stage": "sparse"}
 
 
 def complete_model_config(c: Any) -> ml_collections.ConfigDict:
@@ -213,6 +217,7 @@ def validate_model_config(c: Any) -> None:
              f"index_head_dim={c.index_head_dim} must be even and >= qk_rope_head_dim={c.qk_rope_head_dim} (RoPE "
              "rotates its first qk_rope_head_dim dims)")
     _require(c.attention_type == "mla", f"index_n_heads selects tokens for MLA; attention_type={c.attention_type!r}")
+  _one_of(c, "index_stage", INDEX_STAGES)
   _require(not c.attention_bias, "attention_bias=True is not supported (no DeepSeek release uses it)")
   _require(c.num_experts_per_tok <= c.n_routed_experts,
            f"num_experts_per_tok={c.num_experts_per_tok} > n_routed_experts={c.n_routed_experts}")

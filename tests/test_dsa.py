@@ -45,7 +45,7 @@ def test_indexer_selection_matches_numpy_top_k():
   mod = Indexer(cfg)
   params = nn.meta.unbox(mod.init(jax.random.key(2), x, cq, inputs, [], [])["params"])
   params = jax.tree.map(lambda a: a * 30.0, params)
-  (selected,), keys = mod.apply({"params": params}, x, cq, inputs, [], [])
+  (selected,), keys, _ = mod.apply({"params": params}, x, cq, inputs, [], [])
   assert selected.shape == (B, 1, T, T) and keys.shape == (B, T, cfg.index_head_dim)
   p64 = to_numpy64(params)
   freq = ref.yarn_inv_freq(cfg)
@@ -114,3 +114,91 @@ def test_cache_bytes_and_config_errors():
                        (dict(DSA, q_lora_rank=None), "needs q_lora_rank")]:
     with pytest.raises(ValueError, match=message):
       validate_model_config(tiny_config(**bad))
+
+
+def _train_setup(stage, trainable):
+  from configs import debug
+  from moe_jax.model import Transformer
+  from moe_jax.sharding import make_mesh, rules_of
+  from moe_jax.training.state import create_train_state
+  from moe_jax.training.step import make_train_step
+  c = debug.get_config()
+  c.model.update(index_n_heads=4, index_head_dim=16, index_topk=4, index_stage=stage, dtype="float32")
+  c.train.trainable = trainable
+  c.train.bias_update_rate = 0.01
+  c.train.learning_rate, c.train.warmup_steps = 3e-3, 1
+  mesh, rules = make_mesh(c.mesh), rules_of(c.mesh)
+  model = Transformer(c.model)
+  state, shardings, tx = create_train_state(model, c.train, mesh, rules, seed=0)
+  step = make_train_step(model, c, tx, 100, mesh, rules, shardings)
+  rng = np.random.default_rng(0)
+  B, T = 4, 24
+  batch = {"tokens": rng.integers(0, c.model.vocab_size, (B, T)).astype(np.int32),
+           "segment_ids": np.repeat([[1] * 10 + [2] * 14], B, 0).astype(np.int32),
+           "positions": np.repeat([list(range(10)) + list(range(14))], B, 0).astype(np.int32)}
+  return c, model, state, step, batch
+
+
+def test_dense_warmup_trains_only_the_indexers_towards_the_attention():
+  c, _, state, step, batch = _train_setup("dense_warmup", "indexer")
+  before = jax.tree.map(np.asarray, {"params": state.params, "router": state.router_bias})
+  losses = []
+  for _ in range(8):
+    state, m = step(state, batch)
+    losses.append(float(m["index_loss"]))
+  assert losses[-1] < 0.8 * losses[0], losses  # the indexer learns the attention distribution
+  after = traverse_util.flatten_dict({"params": state.params, "router": state.router_bias}, sep="/")
+  changed = {k for k, v in traverse_util.flatten_dict(before, sep="/").items()
+             if not np.array_equal(v, np.asarray(after[k]))}
+  assert changed and all("/indexer/" in k for k in changed), sorted(changed)[:5]  # main model and biases frozen
+
+
+def test_sparse_stage_keeps_the_two_losses_apart():
+  """Sparse training: the LM loss never reaches the indexer (its selection is a top-k) and the indexer's KL never
+  reaches the main model (its inputs are detached)."""
+  c, model, state, _, batch = _train_setup("sparse", "all")
+  variables = {"params": state.params, "router": state.router_bias}
+  args = (batch["tokens"], batch["segment_ids"], batch["positions"])
+
+  def parts(params):
+    (logits, aux), sown = model.apply({**variables, "params": params}, *args, mutable=["losses"])
+    from moe_jax.training.loss import masked_mean_nll
+    kl = sum(jnp.sum(v) for v in jax.tree.leaves(sown["losses"]))
+    return masked_mean_nll(logits, batch["tokens"], batch["segment_ids"], 1)[0], kl
+
+  g_lm = traverse_util.flatten_dict(jax.grad(lambda p: parts(p)[0])(state.params), sep="/")
+  g_kl = traverse_util.flatten_dict(jax.grad(lambda p: parts(p)[1])(state.params), sep="/")
+  for k in g_lm:
+    if "/indexer/" in k:
+      assert not np.any(np.asarray(g_lm[k])), k
+      assert np.any(np.asarray(g_kl[k])), k
+    else:
+      assert not np.any(np.asarray(g_kl[k])), k
+  assert float(parts(state.params)[1]) > 0
+
+
+def test_index_kl_matches_a_numpy_rendering():
+  """KL(p || softmax(I)) with p the head-averaged attention, over the support, averaged over valid queries."""
+  from moe_jax.layers.indexer import index_kl_divergence
+  rng = np.random.default_rng(4)
+  B, H, T, S = 2, 3, 5, 7
+  support = rng.random((B, T, S)) < 0.6
+  support[..., 0] = True
+  logits = rng.normal(size=(B, H, T, S))
+  probs = np.where(support[:, None], np.exp(logits), 0.0)
+  probs /= probs.sum(-1, keepdims=True)
+  scores = rng.normal(size=(B, T, S)) * 2
+  valid = rng.random((B, T)) < 0.8
+  got = float(index_kl_divergence(jnp.asarray(probs, jnp.float32), jnp.asarray(scores, jnp.float32),
+                                  jnp.asarray(support), jnp.asarray(valid)))
+  total, n = 0.0, 0
+  for b in range(B):
+    for t in range(T):
+      if not valid[b, t]:
+        continue
+      s = np.flatnonzero(support[b, t])
+      p = probs[b][:, t][:, s].mean(0)
+      q = np.exp(scores[b, t, s]) / np.exp(scores[b, t, s]).sum()
+      total += float(np.sum(p * np.log(p / q)))
+      n += 1
+  assert got == pytest.approx(total / n, rel=1e-5)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from moe_jax.config import kv_heads, softmax_scale, uses_indexer
 from moe_jax.kernels.attention import attend, resolve_attention
 from moe_jax.layers.base import as_dtype, constrain, normal_init, param, project
-from moe_jax.layers.indexer import Indexer
+from moe_jax.layers.indexer import Indexer, index_kl_divergence
 from moe_jax.layers.norm import RMSNorm
 from moe_jax.layers.rope import apply_rope, rope_cos_sin
 
@@ -156,14 +156,22 @@ class MLA(nn.Module):
       blocks = [(new, inputs.mask_B1TT)]
       if cache is not None:
         blocks.insert(0, (LatentCache(cache.ckv_BSC.astype(dtype), cache.kpe_BSR.astype(dtype)), inputs.cached_B11S))
+      sparse = dsa and c.index_stage == "sparse"
       if dsa:  # each query keeps only the keys the indexer selects, in every block
         prev = [] if cache is None else [cache.index_k_BSd]
         prev_vis = [] if cache is None else [inputs.cached_B11S]
-        selected, index_k_BTd = Indexer(c, name="indexer")(x_BTD, cq_BTQ, inputs, prev, prev_vis)
-        blocks = [(keys, sel) for (keys, _), sel in zip(blocks, selected)]
+        ix, icq = (jax.lax.stop_gradient(x_BTD), jax.lax.stop_gradient(cq_BTQ)) if sparse else (x_BTD, cq_BTQ)
+        selected, index_k_BTd, index_scores_BTS = Indexer(c, name="indexer")(ix, icq, inputs, prev, prev_vis)
+        if sparse:
+          blocks = [(keys, sel) for (keys, _), sel in zip(blocks, selected)]
         new = new._replace(index_k_BSd=index_k_BTd)
       absorb = cache is not None and c.decode_attention == "absorbed"
-      o_BTHA = _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb, softmax_scale(c), dtype)
+      o_BTHA, probs_BHTS = _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb, softmax_scale(c),
+                                   dtype)
+      if dsa and cache is None and self.is_mutable_collection("losses") and not self.is_initializing():  # training
+        support_BTS = jnp.concatenate([m for _, m in blocks], axis=-1)[:, 0]
+        self.sow("losses", "index_kl", index_kl_divergence(probs_BHTS, index_scores_BTS, support_BTS,
+                                                           inputs.segment_ids_BT != 0))
     o_BTHA = constrain(o_BTHA, ("batch", "length", "heads", "v_head"))
     wo_HAD = param(self, "wo", (H, A, D), ("heads", "v_head", "embed"), init, pdtype)
     # One 2-D matmul (heads x value dims contracted together): as an einsum over (h, a), XLA's CPU layout
@@ -173,7 +181,8 @@ class MLA(nn.Module):
 
 
 def _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb: bool, scale: float, dtype):
-  """softmax over the keys of every (LatentCache [B, S_i, ...], mask [B, 1, T | 1, S_i]) block together.
+  """softmax over the keys of every (LatentCache [B, S_i, ...], mask [B, 1, T | 1, S_i]) block together; returns
+  (o [B, T, H, A], the probabilities [B, H, T, sum S_i]).
 
   Scores in float32 (the scale carries YaRN's mscale^2); the blocks' scores are joined for one softmax and the
   probabilities split again, so a cache block is read in place, never concatenated with the new keys.
@@ -203,7 +212,7 @@ def _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb: bool, 
       acc = acc + jnp.einsum("bhts,bsha->btha", p_BHTS, v_BSHA, preferred_element_type=f32)
   if absorb:
     acc = jnp.einsum("bthc,cha->btha", acc.astype(dtype), w_uv_CHA, preferred_element_type=f32)
-  return acc.astype(dtype)
+  return acc.astype(dtype), probs_BHTS
 
 
 class GQA(nn.Module):

@@ -6,6 +6,13 @@ With h_t the block input and c_Q the query latent MLA already computes (q_norm(W
   w_t,j   = (W^w h_t)_j / sqrt(H^I)     per-token head weights
   I_t,s   = sum_j w_t,j * ReLU(q^I_t,j . k^I_s / sqrt(D^I))
 and query t attends to the top-`index_topk` visible tokens s by I_t,s (all of them when fewer are visible).
+
+Training (V3.2 report sec. 2.1.1): the indexer learns by  L^I = sum_t KL(p_t || softmax(I_t)),  p_t the main
+attention of query t summed over heads and L1-normalised (a stopped gradient). Dense warm-up
+(`index_stage="dense_warmup"`): attention stays dense, the KL covers every visible token, and only the indexer
+trains (`config.train.trainable="indexer"`). Sparse training (`"sparse"`): attention uses the selection, the KL
+covers the selected tokens only, and the indexer's inputs are detached so L^I moves only the indexer while the
+language-modelling loss moves everything else (`index_kl_divergence`; MLA sows it into the "losses" collection).
 Visible = what dense MLA would see: causal, the same document (segment_ids), the valid cache slots. The selection
 is a top-k, so no gradient reaches the indexer through the language-modelling loss; V3.2 trains it with its own
 KL loss towards the main attention. Scores in float32 (the release scores in FP8 after a Hadamard rotation, which
@@ -52,7 +59,8 @@ class Indexer(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, cq_BTQ, inputs, keys: list, visible: list):
-    """(the selection per key block [B, 1, T, S_i] bool, the T tokens' indexer keys [B, T, D^I] float32).
+    """(the selection per key block [B, 1, T, S_i] bool, the T tokens' indexer keys [B, T, D^I] float32, the
+    scores I over all blocks' keys [B, T, sum S_i] float32, -inf where not visible).
     Shape letters: h = indexer heads H^I, d = indexer head dims D^I.
 
     keys / visible: the key blocks before this call's own (the cache: [B, S, D^I] and its [B, 1, 1 | T, S] mask);
@@ -86,4 +94,16 @@ class Indexer(nn.Module):
       S = vis.shape[-1]
       out.append(chosen_BTS[:, None, :, start:start + S] & vis)  # never a token dense MLA would not see
       start += S
-    return out, k_BTd
+    return out, k_BTd, all_BTS
+
+
+def index_kl_divergence(probs_BHTS, scores_BTS, support_BTS, query_valid_BT):
+  """mean over valid queries of KL(p_t || softmax over the support of I_t), p_t = the attention probabilities
+  averaged over heads (a stopped gradient; they sum to 1 over the support already)."""
+  f32 = jnp.float32
+  p_BTS = jax.lax.stop_gradient(jnp.mean(probs_BHTS.astype(f32), axis=1))
+  logq_BTS = jax.nn.log_softmax(jnp.where(support_BTS, scores_BTS, -jnp.inf), axis=-1)
+  logp_BTS = jnp.log(jnp.where(p_BTS > 0, p_BTS, 1.0))
+  kl_BT = jnp.sum(jnp.where(support_BTS & (p_BTS > 0), p_BTS * (logp_BTS - logq_BTS), 0.0), axis=-1)
+  valid = query_valid_BT.astype(f32)
+  return jnp.sum(kl_BT * valid) / jnp.maximum(jnp.sum(valid), 1.0)

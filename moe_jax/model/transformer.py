@@ -59,7 +59,7 @@ def _layer_stack(c: Any, is_moe: bool, n: int):
     return [block_class(c, scanned=False)(c, is_moe) for _ in range(n)]
   scanned = nn.scan(
       block_class(c, scanned=True),
-      variable_axes={"params": 0, "router": 0},
+      variable_axes={"params": 0, "router": 0, "losses": 0},  # losses: what layers sow (the DSA indexer's KL)
       split_rngs={"params": True},
       in_axes=(nn.broadcast, nn.broadcast, 0),  # attention inputs and valid shared; each layer's own cache
       length=n,

@@ -22,6 +22,7 @@ from moe_jax.data.sources import SOURCES
 from moe_jax.data.tokenizer import TOKENIZERS
 from moe_jax.sharding import base_mesh_config, check_mesh_sizes, rules_of
 from moe_jax.training.balancing import BIAS_UPDATE_RULES
+from moe_jax.training.optimizer import TRAINABLE
 from moe_jax.training.schedules import SCHEDULE_UNITS
 
 
@@ -68,6 +69,8 @@ def base_train_config() -> ml_collections.ConfigDict:
   t.adam_b2 = 0.95  # (V3: 0.95)
   t.adam_eps = 1e-8  # Adam epsilon
   t.grad_clip_norm = 1.0  # global-norm gradient clipping (V3: 1.0)
+  t.trainable = "all"  # all | indexer: only the DSA indexers train (V3.2's dense warm-up; the routing biases hold)
+  t.index_loss_weight = 1.0  # weight of the DSA indexer's KL loss (model.index_n_heads set) in the training loss
   t.tensorboard = True  # also write TensorBoard event files under WORKDIR/tensorboard
   return t
 
@@ -150,6 +153,10 @@ def validate_config(config: Any) -> None:
   _require(t.bias_update_rate == 0 or config.model.topk_method == "noaux_tc",
            f"config.train.bias_update_rate={t.bias_update_rate} needs config.model.topk_method='noaux_tc' "
            f"(the only router with a selection bias), got {config.model.topk_method!r}")
+  _require(t.trainable in TRAINABLE, f"config.train.trainable={t.trainable!r} is not one of {TRAINABLE}")
+  _require(t.trainable == "all" or config.model.index_n_heads is not None,
+           "config.train.trainable='indexer' needs a DSA model (config.model.index_n_heads)")
+  _require(t.index_loss_weight >= 0, f"config.train.index_loss_weight={t.index_loss_weight} must be >= 0")
   _require(t.grad_clip_norm > 0, f"config.train.grad_clip_norm={t.grad_clip_norm} must be > 0")
   _require(t.weight_decay >= 0, f"config.train.weight_decay={t.weight_decay} must be >= 0")
   _require(0 <= t.adam_b1 < 1 and 0 <= t.adam_b2 < 1, "config.train.adam_b1 and adam_b2 must be in [0, 1)")

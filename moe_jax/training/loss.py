@@ -7,6 +7,7 @@
   L_MTP    (1/J) sum_k L_MTP^k (eq. 25; J the MTP depth); depth k (1-based) at position i predicts token i+k+1, a
            target when token i+k+1 is in position i's document
   L_bal    the alpha-weighted sequence-wise balance loss each MoE layer returns (main layers and MTP blocks)
+  L^I      with DeepSeek Sparse Attention, the indexers' KL loss (V3.2; weight config.train.index_loss_weight)
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def masked_mean_nll(logits_BTV, tokens_BT, segment_ids_BT, shift: int):
   return total / jnp.maximum(count, 1.0), total, count, targets_BT, mask_BT
 
 
-def training_loss(logits_BTV, aux: dict, batch: dict, mtp_weight):
-  """(total loss, metrics dict of scalars)."""
+def training_loss(logits_BTV, aux: dict, batch: dict, mtp_weight, index_loss_weight=1.0):
+  """(total loss, metrics dict of scalars). With DSA, aux["index_loss"] (the indexers' KL averaged over layers)
+  is added with `index_loss_weight`; its gradient reaches only the indexers (moe_jax.layers.indexer)."""
   tokens_BT, seg_BT = batch["tokens"], batch["segment_ids"]
   ce, _, count, _, _ = masked_mean_nll(logits_BTV, tokens_BT, seg_BT, 1)
   balance = jnp.sum(aux["balance_loss"]) + jnp.sum(aux.get("mtp_balance_loss", jnp.zeros(())))
@@ -50,5 +52,7 @@ def training_loss(logits_BTV, aux: dict, batch: dict, mtp_weight):
     metrics["mtp_loss"] = mtp
   else:
     metrics["mtp_loss"] = jnp.zeros(())
+  metrics["index_loss"] = aux.get("index_loss", jnp.zeros(()))
+  total = total + index_loss_weight * metrics["index_loss"]
   metrics["loss"] = total
   return total, metrics

@@ -27,10 +27,27 @@ def decay_mask(boxed_params: Any) -> Any:
   return jax.tree.map(is_matrix, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def make_optimizer(train_cfg: Any, mask: Any) -> optax.GradientTransformation:
-  """Gradient -> direction (multiply by -lr to get the update)."""
-  return optax.chain(
+TRAINABLE = ("all", "indexer")
+
+
+def trainable_mask(params: Any, trainable: str) -> Any:
+  """True for the parameters that train: all, or only the DSA indexers' (the V3.2 dense warm-up stage)."""
+  if trainable not in TRAINABLE:
+    raise ValueError(f"trainable={trainable!r} is not one of {TRAINABLE}")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: trainable == "all" or any(getattr(k, "key", None) == "indexer" for k in path), params,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def make_optimizer(train_cfg: Any, mask: Any, train_mask: Any = None) -> optax.GradientTransformation:
+  """Gradient -> direction (multiply by -lr to get the update). With `train_mask`, frozen parameters get a zero
+  direction and no optimiser state (optax.masked keeps only the trained leaves' Adam moments)."""
+  adamw = optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip_norm),
       optax.scale_by_adam(b1=train_cfg.adam_b1, b2=train_cfg.adam_b2, eps=train_cfg.adam_eps),
       optax.add_decayed_weights(train_cfg.weight_decay, mask=mask),
   )
+  if train_mask is None:
+    return adamw
+  frozen = jax.tree.map(lambda t: not t, train_mask)
+  return optax.chain(optax.masked(adamw, train_mask), optax.masked(optax.set_to_zero(), frozen))

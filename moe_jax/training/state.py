@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.sharding import batch_axes, logical_shardings, param_specs
-from moe_jax.training.optimizer import decay_mask, make_optimizer
+from moe_jax.training.optimizer import decay_mask, make_optimizer, trainable_mask
 
 
 @flax.struct.dataclass
@@ -56,7 +56,8 @@ def create_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequ
   dummy = jnp.zeros((1, 8), jnp.int32)
   boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
   specs = param_specs(boxed, rules, dict(mesh.shape))
-  tx = make_optimizer(train_cfg, decay_mask(boxed))
+  trainable = train_cfg.get("trainable", "all")
+  tx = make_optimizer(train_cfg, decay_mask(boxed), None if trainable == "all" else trainable_mask(boxed, trainable))
 
   def init_fn(rng):
     variables = nn.meta.unbox(model.init(rng, dummy))

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moe_jax.config import uses_indexer
 from moe_jax.training import schedules
 from moe_jax.training.balancing import all_expert_loads, max_violation, update_router_bias
 from moe_jax.training.loss import masked_mean_nll, training_loss
@@ -29,12 +30,21 @@ def train_step_fn(model: nn.Module, config: Any, tx: optax.GradientTransformatio
     lr = schedules.learning_rate(config, state.step, state.tokens, run_end)
     lam = schedules.mtp_weight(config, state.step, state.tokens)
     gamma = schedules.bias_update_rate(config, state.step, state.tokens)
+    if config.train.trainable != "all":  # a frozen main model keeps its routing biases too
+      gamma = jnp.zeros_like(gamma)
+    dsa = uses_indexer(config.model)
 
     def loss_fn(params):
       variables = {"params": params, "router": state.router_bias}
-      logits, aux = model.apply(variables, batch["tokens"], batch["segment_ids"], batch["positions"])
-      loss, metrics = training_loss(logits, aux, batch, lam)
-      stats = {k: v for k, v in aux.items() if k != "mtp_logits"}
+      args = (batch["tokens"], batch["segment_ids"], batch["positions"])
+      if dsa:  # the layers sow the indexer's KL loss (moe_jax.layers.indexer)
+        (logits, aux), sown = model.apply(variables, *args, mutable=["losses"])
+        kl = [jnp.sum(v) for v in jax.tree.leaves(sown.get("losses", {}))]
+        aux = {**aux, "index_loss": sum(kl) / max(len(kl), 1)}
+      else:
+        logits, aux = model.apply(variables, *args)
+      loss, metrics = training_loss(logits, aux, batch, lam, config.train.index_loss_weight)
+      stats = {k: v for k, v in aux.items() if k not in ("mtp_logits", "index_loss")}
       return loss, (metrics, stats)
 
     (loss, (metrics, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -155,8 +155,8 @@ def _train_and_evaluate(config, workdir, mesh, rules, stop, log) -> dict:
     tps = window_tokens / max(now - window_t, 1e-9)
     steps_left = num_steps - step_done
     sec_per_step = (now - window_t) / max(step_done - window_start, 1)
-    row = {k: host[k] for k in ("loss", "ce", "mtp_loss", "balance_loss", "learning_rate", "grad_norm", "max_vio",
-                                 "max_vio_per_layer", "mtp_weight", "bias_update_rate", "dropped_fraction")}
+    row = {k: host[k] for k in ("loss", "ce", "mtp_loss", "balance_loss", "index_loss", "learning_rate", "grad_norm",
+                                 "max_vio", "max_vio_per_layer", "mtp_weight", "bias_update_rate", "dropped_fraction")}
     load = np.asarray(jax.device_get(metrics["expert_load"]))
     row |= {"tokens_per_sec": tps, "tokens_seen": tokens_seen,
             "expert_load": (load / np.maximum(load.sum(-1, keepdims=True), 1)).round(5)}
