@@ -45,7 +45,7 @@ def smoke(tmp_path_factory):
   out = [_cli("experiments.run", "mtp", f"--workdir={workdir}", f"--only={v}", *SMOKE, data).stdout
          for v in ("depth0", "depth1/seed0")]
   report = _cli("experiments.report", "mtp", f"--workdir={workdir}").stdout
-  return {"workdir": workdir, "data": data, "run_out": out, "report_out": report}
+  return {"workdir": workdir, "data": data, "run_out": out, "report_out": report, "base": base}
 
 
 def test_smoke_sweep_writes_results_summary_and_plots(smoke):
@@ -75,6 +75,31 @@ def test_smoke_sweep_writes_results_summary_and_plots(smoke):
 def test_rerun_skips_finished_runs(smoke):
   p = _cli("experiments.run", "mtp", f"--workdir={smoke['workdir']}", "--only=depth0", *SMOKE, smoke["data"])
   assert "1 already finished, 0 to train" in p.stdout
+
+
+def test_sigterm_stops_the_sweep_with_a_checkpoint_and_a_rerun_finishes_it(smoke):
+  """A real SIGTERM mid-run: exit 0 after a checkpoint; the same command then finishes that run and the next,
+  and the interrupted run's metrics.jsonl holds every logged step exactly once."""
+  import signal
+  import time
+  workdir = str(smoke["base"] / "sigterm")
+  args = ["mtp", f"--workdir={workdir}", "--only=depth0", *SMOKE, smoke["data"], "--seeds=2",
+          "--config.train.num_steps=40", "--config.checkpoint.every=5"]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = os.path.join(workdir, "depth0", "seed0", "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 8):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and "stopped by SIGTERM" in out, out[-2000:]
+  assert not os.path.exists(os.path.join(workdir, "depth0", "seed0", "eval.json"))
+  out = _cli("experiments.run", *args).stdout
+  assert "0 already finished, 2 to train" in out and "all 2 run(s) finished" in out
+  steps = [json.loads(ln)["step"] for ln in open(metrics) if "loss" in json.loads(ln)]
+  assert steps == list(range(1, 41))
 
 
 def test_bad_input_is_one_error_before_training(smoke, tmp_path):
