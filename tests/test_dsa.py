@@ -202,3 +202,23 @@ def test_index_kl_matches_a_numpy_rendering():
       total += float(np.sum(p * np.log(p / q)))
       n += 1
   assert got == pytest.approx(total / n, rel=1e-5)
+
+
+def test_a_v3_model_becomes_v32_with_fresh_indexers():
+  """V3 variables + new indexers: in the dense warm-up stage the V3.2 model computes exactly the V3 logits (the
+  indexer only adds its loss), and nothing but indexer parameters is new."""
+  from moe_jax.model import Transformer
+  from moe_jax.model.variables import add_indexers
+  v3_cfg = tiny_config(num_nextn_predict_layers=1, attention_impl="xla")  # the einsum form, as DSA runs
+  _, v3 = init_params(v3_cfg)
+  v3 = random_bias(v3)
+  v32_cfg = tiny_config(num_nextn_predict_layers=1, attention_impl="xla", index_stage="dense_warmup", **DSA)
+  v32 = add_indexers(v3, v32_cfg)
+  new = set(traverse_util.flatten_dict(v32["params"], sep="/")) - set(traverse_util.flatten_dict(v3["params"], sep="/"))
+  assert new and all("/indexer/" in k for k in new)
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, v3_cfg.vocab_size, size=(2, 12)))
+  want, _ = Transformer(v3_cfg).apply(v3, tokens)
+  got, _ = Transformer(v32_cfg).apply(v32, tokens)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  with pytest.raises(ValueError, match="not an indexer parameter"):
+    add_indexers(v3, tiny_config(num_nextn_predict_layers=2, **DSA))

@@ -29,3 +29,35 @@ def as_variables(tree: Any) -> dict:
     raise ValueError(f"unexpected variable collections {sorted(unknown)}; the model has 'params' and "
                      f"{BIAS_COLLECTION!r}")
   return dict(tree)
+
+
+def add_indexers(variables: dict, v32_config: Any, seed: int = 0) -> dict:
+  """A V3 model's variables as a V3.2 (DeepSeek Sparse Attention) model's: every existing leaf kept as it is, the
+  lightning indexers freshly initialised (V3.2 report sec. 2.1.1: continued training starts from V3.1 with new
+  indexers, then the dense warm-up stage). `v32_config`: the V3 model config with index_n_heads set. Raises
+  ValueError when anything but indexer parameters would be new or a kept leaf's shape differs."""
+  import jax
+  import jax.numpy as jnp
+  from flax import linen as nn
+  from flax.traverse_util import unflatten_dict
+
+  from moe_jax.model.transformer import Transformer
+
+  fresh = nn.meta.unbox(Transformer(v32_config).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+  out = {}
+  for collection, tree in fresh.items():
+    have = flatten_dict(variables.get(collection, {}))
+    merged = {}
+    for path, leaf in flatten_dict(tree).items():
+      if path in have:
+        if tuple(have[path].shape) != tuple(leaf.shape):
+          raise ValueError(f"{'/'.join(path)}: shape {tuple(have[path].shape)} in the V3 variables, "
+                           f"{tuple(leaf.shape)} in the V3.2 config")
+        merged[path] = have[path]
+      elif "indexer" in path:
+        merged[path] = leaf
+      else:
+        raise ValueError(f"{'/'.join(path)} is not in the V3 variables and is not an indexer parameter: the "
+                         "configs differ in more than index_n_heads")
+    out[collection] = unflatten_dict(merged)
+  return out
