@@ -70,7 +70,7 @@ def test_sequences_at_different_lengths_decode_together():
   for b, n in ((0, 3), (1, 7)):  # prefill each sequence to its own length
     _, c, _ = step(x[b:b + 1, :n], _empty(cfg, 1, 12), jnp.zeros((1,), jnp.int32))
     caches.append(c)
-  cache = LatentCache(*(jnp.concatenate(parts) for parts in zip(*caches)))
+  cache = jax.tree.map(lambda *parts: jnp.concatenate(parts), *caches)  # (no indexer keys: a None field)
   pos = jnp.asarray([3, 7])
   xs = x[jnp.arange(2), pos][:, None]
   out, cache, length = step(xs, cache, pos)
