@@ -43,7 +43,7 @@ def add_indexers(variables: dict, v32_config: Any, seed: int = 0) -> dict:
 
   from moe_jax.model.transformer import Transformer
 
-  fresh = nn.meta.unbox(Transformer(v32_config).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+  fresh = nn.meta.unbox(jax.jit(Transformer(v32_config).init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
   out = {}
   for collection, tree in fresh.items():
     have = flatten_dict(variables.get(collection, {}))
