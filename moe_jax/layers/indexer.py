@@ -7,16 +7,17 @@ With h_t the block input and c_Q the query latent MLA already computes (q_norm(W
   I_t,s   = sum_j w_t,j * ReLU(q^I_t,j . k^I_s / sqrt(D^I))
 and query t attends to the top-`index_topk` visible tokens s by I_t,s (all of them when fewer are visible).
 
+Visible = what dense MLA would see: causal, the same document (segment_ids), the valid cache slots. The selection
+is a top-k, so no gradient reaches the indexer through the language-modelling loss; V3.2 trains it with its own
+KL loss towards the main attention. Scores in float32 (the release scores in FP8 after a Hadamard rotation, which
+preserves dot products; transformers' reference skips both, as here).
+
 Training (V3.2 report sec. 2.1.1): the indexer learns by  L^I = sum_t KL(p_t || softmax(I_t)),  p_t the main
 attention of query t summed over heads and L1-normalised (a stopped gradient). Dense warm-up
 (`index_stage="dense_warmup"`): attention stays dense, the KL covers every visible token, and only the indexer
 trains (`config.train.trainable="indexer"`). Sparse training (`"sparse"`): attention uses the selection, the KL
 covers the selected tokens only, and the indexer's inputs are detached so L^I moves only the indexer while the
 language-modelling loss moves everything else (`index_kl_divergence`; MLA sows it into the "losses" collection).
-Visible = what dense MLA would see: causal, the same document (segment_ids), the valid cache slots. The selection
-is a top-k, so no gradient reaches the indexer through the language-modelling loss; V3.2 trains it with its own
-KL loss towards the main attention. Scores in float32 (the release scores in FP8 after a Hadamard rotation, which
-preserves dot products; transformers' reference skips both, as here).
 
 Parameter names follow the release (wq_b, wk, k_norm, weights_proj).
 """

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flax.traverse_util import flatten_dict
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from moe_jax.layers.router import BIAS_COLLECTION
+from moe_jax.model.transformer import Transformer
 
 
 def flat_variables(variables: dict) -> dict:
@@ -36,13 +40,6 @@ def add_indexers(variables: dict, v32_config: Any, seed: int = 0) -> dict:
   lightning indexers freshly initialised (V3.2 report sec. 2.1.1: continued training starts from V3.1 with new
   indexers, then the dense warm-up stage). `v32_config`: the V3 model config with index_n_heads set. Raises
   ValueError when anything but indexer parameters would be new or a kept leaf's shape differs."""
-  import jax
-  import jax.numpy as jnp
-  from flax import linen as nn
-  from flax.traverse_util import unflatten_dict
-
-  from moe_jax.model.transformer import Transformer
-
   fresh = nn.meta.unbox(jax.jit(Transformer(v32_config).init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
   out = {}
   for collection, tree in fresh.items():
