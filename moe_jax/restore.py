@@ -29,8 +29,8 @@ from moe_jax.interop import huggingface
 from moe_jax.model import Transformer
 from moe_jax.training.checkpoint import CheckpointsUnreadable, describe, router_bias_as_saved
 from moe_jax.training.fingerprint import mismatches
+from moe_jax.training.init_from import HF_PREFIX
 
-HF_PREFIX = "hf:"
 
 
 class LoadedModel(NamedTuple):

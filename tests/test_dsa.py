@@ -14,8 +14,8 @@ from helpers import init_params, max_rel_err, merged_params, random_bias, tiny_c
 import numpy_reference as ref
 from moe_jax.config import validate_model_config
 from moe_jax.inference import Generator, cache_bytes_per_token, init_cache
-from moe_jax.layers.attention import attention_inputs
-from moe_jax.layers.indexer import Indexer
+from moe_jax.layers.attention import attention_inputs, attention_mask
+from moe_jax.layers.indexer import Indexer, select_top_k
 
 DSA = dict(index_n_heads=4, index_head_dim=16, index_topk=4)
 
@@ -43,9 +43,11 @@ def test_indexer_selection_matches_numpy_top_k():
   cq = jax.random.normal(jax.random.key(1), (B, T, cfg.q_lora_rank))
   inputs = attention_inputs(cfg, jnp.asarray(pos), jnp.asarray(seg))
   mod = Indexer(cfg)
-  params = nn.meta.unbox(mod.init(jax.random.key(2), x, cq, inputs, [], [])["params"])
+  params = nn.meta.unbox(mod.init(jax.random.key(2), x, cq, inputs)["params"])
   params = jax.tree.map(lambda a: a * 30.0, params)
-  (selected,), keys, _ = mod.apply({"params": params}, x, cq, inputs, [], [])
+  proj = mod.apply({"params": params}, x, cq, inputs)
+  keys = proj.k_BTd
+  (selected,), _ = select_top_k(proj, [keys], [attention_mask(jnp.asarray(seg))], cfg.index_topk)
   assert selected.shape == (B, 1, T, T) and keys.shape == (B, T, cfg.index_head_dim)
   p64 = to_numpy64(params)
   freq = ref.yarn_inv_freq(cfg)
@@ -222,5 +224,61 @@ def test_a_v3_model_becomes_v32_with_fresh_indexers():
   want, _ = jax.jit(Transformer(v3_cfg).apply)(v3, tokens)
   got, _ = jax.jit(Transformer(v32_cfg).apply)(v32, tokens)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  with pytest.raises(ValueError, match="not an indexer parameter"):
+  with pytest.raises(ValueError, match="not a DSA indexer parameter"):
     add_indexers(v3, tiny_config(num_nextn_predict_layers=2, **DSA))
+
+
+def test_gathered_sparse_attention_matches_numpy_and_the_mask_form():
+  """The gathered form (query blocks of 4 over 11 queries: padding included; a cache block with 3 of 5 slots
+  valid; two documents) against a float64 numpy loop over queries, and its gradients against the mask form's."""
+  from moe_jax.layers.attention import LatentCache, _attend
+  from moe_jax.layers.indexer import IndexerProjections
+  from moe_jax.layers.sparse_attention import attend_selected
+  rng = np.random.default_rng(7)
+  B, S, T, H, C, R, h, d, k = 2, 5, 11, 3, 6, 4, 2, 8, 4
+  f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+  q_lat, q_rope, ckv_c, kpe_c, ckv_n, kpe_n = f(B, T, H, C), f(B, T, H, R), f(B, S, C), f(B, S, R), f(B, T, C), f(B, T, R)
+  proj = IndexerProjections(f(B, T, h, d), f(B, T, h), f(B, T, d))
+  ik_c = f(B, S, d)
+  seg = jnp.asarray([[1] * 4 + [2] * 7, [1] * 11])
+  cached = jnp.asarray([[True] * 3 + [False] * 2] * B)[:, None, None, :]
+  scale = 0.3
+
+  def gathered(q_lat, ckv_c, ckv_n):
+    return attend_selected(q_lat, q_rope, [ckv_c, ckv_n], [kpe_c, kpe_n], proj.q_BThd, proj.w_BTh, [ik_c, proj.k_BTd],
+                           cached, seg, topk=k, scale=scale, block=4, with_kl=True)
+
+  o, kl = jax.jit(gathered)(q_lat, ckv_c, ckv_n)
+  a = lambda x: np.asarray(x, np.float64)  # noqa: E731
+  for b in range(B):
+    for t in range(T):
+      vis = [s for s in range(3)] + [S + s for s in range(t + 1) if seg[b, s] == seg[b, t]]
+      ik = np.concatenate([a(ik_c[b]), a(proj.k_BTd[b])])
+      dots = np.maximum(a(proj.q_BThd[b, t]) @ ik[vis].T / np.sqrt(d), 0)
+      score = a(proj.w_BTh[b, t]) @ dots
+      top = np.argsort(-score)[:k]
+      keys = [vis[i] for i in top]
+      ckv = np.concatenate([a(ckv_c[b]), a(ckv_n[b])])[keys]
+      kpe = np.concatenate([a(kpe_c[b]), a(kpe_n[b])])[keys]
+      logits = (a(q_lat[b, t]) @ ckv.T + a(q_rope[b, t]) @ kpe.T) * scale
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      np.testing.assert_allclose(a(o[b, t]), p @ ckv, rtol=1e-4, atol=1e-5)
+      pm = p.mean(0)
+      q = np.exp(score[top] - score[top].max())
+      q /= q.sum()
+      assert float(kl[b, t]) == pytest.approx(float(np.sum(pm * np.log(pm / q))), rel=1e-4, abs=1e-6)
+
+  def mask_form(q_lat, ckv_c, ckv_n):  # the dense scores with the selection as a mask (absorbed: W_UK = W_UV = I)
+    new_vis = attention_mask(seg)
+    sel, _ = select_top_k(proj, [ik_c, proj.k_BTd], [cached, new_vis], k)
+    blocks = [(LatentCache(ckv_c, kpe_c), sel[0]), (LatentCache(ckv_n, kpe_n), sel[1])]
+    eye = jnp.broadcast_to(jnp.eye(C)[:, None, :], (C, H, C))
+    q_nope = jnp.einsum("bthc,chn->bthn", q_lat, eye)  # W_UK = I: q~ = q^C
+    return _attend(q_nope, q_rope, blocks, eye, eye, True, scale, jnp.float32)[0]
+
+  np.testing.assert_allclose(np.asarray(mask_form(q_lat, ckv_c, ckv_n)), np.asarray(o), rtol=1e-5, atol=1e-5)
+  r = f(B, T, H, C)
+  g_want = jax.grad(lambda *x: jnp.sum(mask_form(*x) * r), argnums=(0, 1, 2))(q_lat, ckv_c, ckv_n)
+  g_got = jax.grad(lambda *x: jnp.sum(gathered(*x)[0] * r), argnums=(0, 1, 2))(q_lat, ckv_c, ckv_n)
+  chex.assert_trees_all_close(g_got, g_want, rtol=1e-4, atol=1e-5)

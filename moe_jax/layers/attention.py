@@ -45,7 +45,8 @@ import jax.numpy as jnp
 from moe_jax.config import kv_heads, softmax_scale, uses_indexer
 from moe_jax.kernels.attention import attend, resolve_attention
 from moe_jax.layers.base import as_dtype, constrain, normal_init, param, project
-from moe_jax.layers.indexer import Indexer, index_kl_divergence
+from moe_jax.layers.indexer import Indexer, index_kl_per_query, mean_over_queries, select_top_k
+from moe_jax.layers.sparse_attention import attend_selected
 from moe_jax.layers.norm import RMSNorm
 from moe_jax.layers.rope import apply_rope, rope_cos_sin
 
@@ -85,6 +86,11 @@ def attention_mask(segment_ids_BT):
   return (causal_TT[None] & same_doc_BTT)[:, None]
 
 
+def gathered_sparse(cfg: Any, n_keys: int) -> bool:
+  """DSA's sparse stage over more keys than it selects: MLA attends in the gathered form, no [T, S] mask."""
+  return uses_indexer(cfg) and cfg.index_stage == "sparse" and n_keys > cfg.index_topk
+
+
 def attention_inputs(cfg: Any, positions_BT, segment_ids_BT, cache_length_B=None, cache_slots: int = 0):
   """AttentionInputs for a call; with `cache_length_B`, the first cache_length_b of `cache_slots` are visible.
 
@@ -95,6 +101,7 @@ def attention_inputs(cfg: Any, positions_BT, segment_ids_BT, cache_length_B=None
   if cache_length_B is not None:
     cached = (jnp.arange(cache_slots)[None, :] < cache_length_B[:, None])[:, None, None, :]
   einsum_form = cache_length_B is not None or resolve_attention(cfg.attention_impl) == "xla" or uses_indexer(cfg)
+  einsum_form = einsum_form and not gathered_sparse(cfg, positions_BT.shape[1] + cache_slots)
   return AttentionInputs(cos_BTR, sin_BTR, segment_ids_BT, attention_mask(segment_ids_BT) if einsum_form else None,
                          cached)
 
@@ -145,7 +152,7 @@ class MLA(nn.Module):
     w_uk_CHN = param(self, "w_uk", (C, H, N), ("kv_lora", "heads", "qk_nope"), init, pdtype).astype(dtype)
     w_uv_CHA = param(self, "w_uv", (C, H, A), ("kv_lora", "heads", "v_head"), init, pdtype).astype(dtype)
     dsa = uses_indexer(c)
-    # DSA selects keys per query by a mask the einsum form applies (a gathered sparse form: not yet).
+    n_keys = x_BTD.shape[1] + (0 if cache is None else cache.ckv_BSC.shape[1])
     impl = "xla" if cache is not None or dsa else resolve_attention(c.attention_impl)
     if impl != "xla":  # a kernel backend (moe_jax.kernels.attention): per-head keys and values, no [T, T] mask
       k_nope_BTHN = project(new.ckv_BSC, w_uk_CHN)
@@ -157,21 +164,34 @@ class MLA(nn.Module):
       if cache is not None:
         blocks.insert(0, (LatentCache(cache.ckv_BSC.astype(dtype), cache.kpe_BSR.astype(dtype)), inputs.cached_B11S))
       sparse = dsa and c.index_stage == "sparse"
-      if dsa:  # each query keeps only the keys the indexer selects, in every block
-        prev = [] if cache is None else [cache.index_k_BSd]
-        prev_vis = [] if cache is None else [inputs.cached_B11S]
+      training = dsa and cache is None and self.is_mutable_collection("losses") and not self.is_initializing()
+      if dsa:  # the lightning indexer (inputs detached in the sparse stage: its KL loss moves only itself)
         ix, icq = (jax.lax.stop_gradient(x_BTD), jax.lax.stop_gradient(cq_BTQ)) if sparse else (x_BTD, cq_BTQ)
-        selected, index_k_BTd, index_scores_BTS = Indexer(c, name="indexer")(ix, icq, inputs, prev, prev_vis)
-        if sparse:
-          blocks = [(keys, sel) for (keys, _), sel in zip(blocks, selected)]
-        new = new._replace(index_k_BSd=index_k_BTd)
-      absorb = cache is not None and c.decode_attention == "absorbed"
-      o_BTHA, probs_BHTS = _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb, softmax_scale(c),
-                                   dtype)
-      if dsa and cache is None and self.is_mutable_collection("losses") and not self.is_initializing():  # training
-        support_BTS = jnp.concatenate([m for _, m in blocks], axis=-1)[:, 0]
-        self.sow("losses", "index_kl", index_kl_divergence(probs_BHTS, index_scores_BTS, support_BTS,
-                                                           inputs.segment_ids_BT != 0))
+        proj = Indexer(c, name="indexer")(ix, icq, inputs)
+        index_keys = ([] if cache is None else [cache.index_k_BSd]) + [proj.k_BTd]
+        new = new._replace(index_k_BSd=proj.k_BTd)
+      if gathered_sparse(c, n_keys):  # each query reads its top-k latents only (moe_jax.layers.sparse_attention)
+        keys = [k for k, _ in blocks]
+        q_lat_BTHC = jnp.einsum("bthn,chn->bthc", q_nope_BTHN, w_uk_CHN)
+        o_BTHC, kl_BT = attend_selected(
+            q_lat_BTHC, q_rope_BTHR, [k.ckv_BSC for k in keys], [k.kpe_BSR for k in keys], proj.q_BThd, proj.w_BTh,
+            index_keys, inputs.cached_B11S, inputs.segment_ids_BT, topk=c.index_topk, scale=softmax_scale(c),
+            block=c.attention_block_size, with_kl=training)
+        o_BTHA = jnp.einsum("bthc,cha->btha", o_BTHC.astype(dtype), w_uv_CHA, preferred_element_type=jnp.float32
+                            ).astype(dtype)
+      else:  # the mask form: dense scores, with the indexer's selection as a mask in the sparse stage
+        if dsa:
+          selected, index_scores_BTS = select_top_k(proj, index_keys, [m for _, m in blocks], c.index_topk)
+          if sparse:
+            blocks = [(keys, sel) for (keys, _), sel in zip(blocks, selected)]
+        absorb = cache is not None and c.decode_attention == "absorbed"
+        o_BTHA, probs_BHTS = _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb, softmax_scale(c),
+                                     dtype)
+        if training:
+          kl_BT = index_kl_per_query(probs_BHTS, index_scores_BTS,
+                                     jnp.concatenate([m for _, m in blocks], axis=-1)[:, 0])
+      if training:
+        self.sow("losses", "index_kl", mean_over_queries(kl_BT, inputs.segment_ids_BT != 0))
     o_BTHA = constrain(o_BTHA, ("batch", "length", "heads", "v_head"))
     wo_HAD = param(self, "wo", (H, A, D), ("heads", "v_head", "embed"), init, pdtype)
     # One 2-D matmul (heads x value dims contracted together): as an einsum over (h, a), XLA's CPU layout

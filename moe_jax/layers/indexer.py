@@ -24,7 +24,7 @@ Parameter names follow the release (wq_b, wk, k_norm, weights_proj).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -50,6 +50,13 @@ class IndexerKeyNorm(nn.Module):
     return (x32 - mean) * jax.lax.rsqrt(var + INDEX_NORM_EPS) * scale + bias
 
 
+class IndexerProjections(NamedTuple):
+  """What the indexer computes per token of a call (float32); shape letters h = indexer heads H^I, d = D^I."""
+  q_BThd: jax.Array  # queries q^I (RoPE'd)
+  w_BTh: jax.Array  # per-token head weights w (with the 1/sqrt(H^I))
+  k_BTd: jax.Array  # the tokens' keys k^I (RoPE'd): cached for decoding
+
+
 class Indexer(nn.Module):
   config: Any
 
@@ -59,14 +66,7 @@ class Indexer(nn.Module):
     return jnp.concatenate([rot, x[..., R:]], axis=-1)
 
   @nn.compact
-  def __call__(self, x_BTD, cq_BTQ, inputs, keys: list, visible: list):
-    """(the selection per key block [B, 1, T, S_i] bool, the T tokens' indexer keys [B, T, D^I] float32, the
-    scores I over all blocks' keys [B, T, sum S_i] float32, -inf where not visible).
-    Shape letters: h = indexer heads H^I, d = indexer head dims D^I.
-
-    keys / visible: the key blocks before this call's own (the cache: [B, S, D^I] and its [B, 1, 1 | T, S] mask);
-    this call's tokens are appended as the last block with `inputs.mask_B1TT`.
-    """
+  def __call__(self, x_BTD, cq_BTQ, inputs) -> IndexerProjections:
     c = self.config
     D, Q, Hi, Di = c.hidden_size, c.q_lora_rank, c.index_n_heads, c.index_head_dim
     init, pdtype = normal_init(c), as_dtype(c.param_dtype)
@@ -78,33 +78,48 @@ class Indexer(nn.Module):
     q_BThd = self._rope(project(cq_BTQ.astype(f32), wq_b.astype(f32)), inputs)
     k_BTd = self._rope(IndexerKeyNorm(name="k_norm")(project(x_BTD.astype(f32), wk.astype(f32))), inputs)
     w_BTh = project(x_BTD.astype(f32), w_proj) * Hi ** -0.5
-    blocks_k = list(keys) + [k_BTd]
-    blocks_vis = list(visible) + [inputs.mask_B1TT]
-    scores = []
-    for k_BSd, vis in zip(blocks_k, blocks_vis):
-      dots_BThS = jnp.einsum("bthd,bsd->bths", q_BThd, k_BSd.astype(f32)) * Di ** -0.5
-      s_BTS = jnp.einsum("bth,bths->bts", w_BTh, jax.nn.relu(dots_BThS))
-      scores.append(jnp.where(vis[:, 0], s_BTS, -jnp.inf))
-    all_BTS = jnp.concatenate(scores, axis=-1)
-    k = min(c.index_topk, all_BTS.shape[-1])
-    _, top_BTK = jax.lax.top_k(all_BTS, k)
-    chosen_BTS = jnp.zeros(all_BTS.shape, bool)
-    chosen_BTS = jnp.put_along_axis(chosen_BTS, top_BTK, True, axis=-1, inplace=False)
-    out, start = [], 0
-    for vis in blocks_vis:
-      S = vis.shape[-1]
-      out.append(chosen_BTS[:, None, :, start:start + S] & vis)  # never a token dense MLA would not see
-      start += S
-    return out, k_BTd, all_BTS
+    return IndexerProjections(q_BThd, w_BTh, k_BTd)
+
+
+def index_scores(q_BThd, w_BTh, k_BSd):
+  """I [B, T, S] float32 = sum_h w_t,h ReLU(q_t,h . k_s / sqrt(D^I))."""
+  dots_BThS = jnp.einsum("bthd,bsd->bths", q_BThd, k_BSd.astype(jnp.float32)) * q_BThd.shape[-1] ** -0.5
+  return jnp.einsum("bth,bths->bts", w_BTh, jax.nn.relu(dots_BThS))
+
+
+def select_top_k(proj: IndexerProjections, keys: list, visible: list, topk: int):
+  """The mask form of the selection: (per key block [B, 1, T, S_i] bool, the scores I over all blocks' keys
+  [B, T, sum S_i] float32, -inf where not visible). keys / visible: the key blocks ([B, S_i, D^I]) and their
+  [B, 1, T | 1, S_i] visibility, the call's own tokens last."""
+  scores = [jnp.where(vis[:, 0], index_scores(proj.q_BThd, proj.w_BTh, k_BSd), -jnp.inf)
+            for k_BSd, vis in zip(keys, visible)]
+  all_BTS = jnp.concatenate(scores, axis=-1)
+  k = min(topk, all_BTS.shape[-1])
+  _, top_BTK = jax.lax.top_k(all_BTS, k)
+  chosen_BTS = jnp.put_along_axis(jnp.zeros(all_BTS.shape, bool), top_BTK, True, axis=-1, inplace=False)
+  out, start = [], 0
+  for vis in visible:
+    S = vis.shape[-1]
+    out.append(chosen_BTS[:, None, :, start:start + S] & vis)  # never a token dense MLA would not see
+    start += S
+  return out, all_BTS
+
+
+def index_kl_per_query(probs_BHTS, scores_BTS, support_BTS):
+  """KL(p_t || softmax over the support of I_t) [B, T] float32, p_t = the attention probabilities averaged over
+  heads (a stopped gradient; they sum to 1 over the support already)."""
+  f32 = jnp.float32
+  p_BTS = jax.lax.stop_gradient(jnp.mean(probs_BHTS.astype(f32), axis=1))
+  logq_BTS = jax.nn.log_softmax(jnp.where(support_BTS, scores_BTS, jnp.finfo(f32).min), axis=-1)
+  logp_BTS = jnp.log(jnp.where(p_BTS > 0, p_BTS, 1.0))
+  return jnp.sum(jnp.where(support_BTS & (p_BTS > 0), p_BTS * (logp_BTS - logq_BTS), 0.0), axis=-1)
+
+
+def mean_over_queries(kl_BT, query_valid_BT):
+  valid = query_valid_BT.astype(jnp.float32)
+  return jnp.sum(kl_BT * valid) / jnp.maximum(jnp.sum(valid), 1.0)
 
 
 def index_kl_divergence(probs_BHTS, scores_BTS, support_BTS, query_valid_BT):
-  """mean over valid queries of KL(p_t || softmax over the support of I_t), p_t = the attention probabilities
-  averaged over heads (a stopped gradient; they sum to 1 over the support already)."""
-  f32 = jnp.float32
-  p_BTS = jax.lax.stop_gradient(jnp.mean(probs_BHTS.astype(f32), axis=1))
-  logq_BTS = jax.nn.log_softmax(jnp.where(support_BTS, scores_BTS, -jnp.inf), axis=-1)
-  logp_BTS = jnp.log(jnp.where(p_BTS > 0, p_BTS, 1.0))
-  kl_BT = jnp.sum(jnp.where(support_BTS & (p_BTS > 0), p_BTS * (logp_BTS - logq_BTS), 0.0), axis=-1)
-  valid = query_valid_BT.astype(f32)
-  return jnp.sum(kl_BT * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+  """L^I: the mean over valid queries of `index_kl_per_query`."""
+  return mean_over_queries(index_kl_per_query(probs_BHTS, scores_BTS, support_BTS), query_valid_BT)

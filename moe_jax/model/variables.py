@@ -35,26 +35,41 @@ def as_variables(tree: Any) -> dict:
   return dict(tree)
 
 
-def add_indexers(variables: dict, v32_config: Any, seed: int = 0) -> dict:
-  """A V3 model's variables as a V3.2 (DeepSeek Sparse Attention) model's: every existing leaf kept as it is, the
-  lightning indexers freshly initialised (V3.2 report sec. 2.1.1: continued training starts from V3.1 with new
-  indexers, then the dense warm-up stage). `v32_config`: the V3 model config with index_n_heads set. Raises
-  ValueError when anything but indexer parameters would be new or a kept leaf's shape differs."""
-  fresh = nn.meta.unbox(jax.jit(Transformer(v32_config).init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
-  out = {}
+def merge_variables(loaded: dict, fresh: dict, source: str = "the loaded variables") -> tuple[dict, list[str]]:
+  """`fresh`'s tree with every leaf `loaded` has put in its place; only lightning-indexer leaves may be missing
+  from `loaded` (they keep their fresh values: V3.2 report sec. 2.1.1, continued training from V3.1 starts with
+  new indexers). Returns (variables, the '/'-joined paths left fresh). Raises ValueError naming the first leaf
+  whose shape differs or that is missing and not an indexer's; leaves `loaded` has beyond `fresh` are an error
+  too (weights that would be silently dropped)."""
+  out, left_fresh = {}, []
+  dropped = sorted(set(loaded) - set(fresh))
+  if dropped:
+    raise ValueError(f"{source} holds collection(s) {dropped} this config has none of: the model configs differ")
   for collection, tree in fresh.items():
-    have = flatten_dict(variables.get(collection, {}))
+    have = flatten_dict(loaded.get(collection, {}))
     merged = {}
     for path, leaf in flatten_dict(tree).items():
+      name = "/".join(path)
       if path in have:
         if tuple(have[path].shape) != tuple(leaf.shape):
-          raise ValueError(f"{'/'.join(path)}: shape {tuple(have[path].shape)} in the V3 variables, "
-                           f"{tuple(leaf.shape)} in the V3.2 config")
-        merged[path] = have[path]
+          raise ValueError(f"{name}: shape {tuple(have[path].shape)} in {source}, {tuple(leaf.shape)} in this config")
+        merged[path] = jnp.asarray(have[path], leaf.dtype)
       elif "indexer" in path:
-        merged[path] = leaf
+        merged[path], _ = leaf, left_fresh.append(name)
       else:
-        raise ValueError(f"{'/'.join(path)} is not in the V3 variables and is not an indexer parameter: the "
-                         "configs differ in more than index_n_heads")
+        raise ValueError(f"{name} is not in {source} and is not a DSA indexer parameter: the model configs differ "
+                         "in more than index_n_heads")
+    extra = sorted("/".join(p) for p in set(have) - set(flatten_dict(tree)))
+    if extra:
+      raise ValueError(f"{source} holds {len(extra)} array(s) this config has no place for ({', '.join(extra[:3])}"
+                       f"{' ...' if len(extra) > 3 else ''}): the model configs differ")
     out[collection] = unflatten_dict(merged)
-  return out
+  return out, left_fresh
+
+
+def add_indexers(variables: dict, v32_config: Any, seed: int = 0) -> dict:
+  """A V3 model's variables as a V3.2 (DeepSeek Sparse Attention) model's: every existing leaf kept as it is, the
+  lightning indexers freshly initialised (`merge_variables`). `v32_config`: the V3 model config with index_n_heads
+  set. Raises ValueError when anything but indexer parameters would be new or a kept leaf's shape differs."""
+  fresh = nn.meta.unbox(jax.jit(Transformer(v32_config).init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+  return merge_variables(variables, fresh, "the V3 variables")[0]

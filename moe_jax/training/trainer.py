@@ -32,6 +32,7 @@ from moe_jax.training.evaluate import compressor_bits_per_byte, evaluate, token_
 from moe_jax.training.metrics import MetricWriter, format_eta, read_jsonl, training_summary, truncate_jsonl
 from moe_jax.sharding import batch_axes, make_mesh, rules_of
 from moe_jax.training.distributed import maybe_initialize
+from moe_jax.training.init_from import check_source, copy_source_tokenizer, initial_state
 from moe_jax.training.preemption import StopOnSignal
 from moe_jax.training.workdir import WorkdirLock, archive_run, check_resume
 from moe_jax.training.state import batch_sharding, create_train_state, global_batch, replicated_array
@@ -55,6 +56,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
   run), WorkdirInUse (another trainer writes it), CheckpointsUnreadable, CheckpointWriteError, TrainingDiverged.
   """
   validate_config(config)
+  if config.train.init_from and not os.path.exists(os.path.join(workdir, "config.json")):  # a fresh run
+    check_source(config.train.init_from)
   maybe_initialize(config.mesh)
   mesh, rules = make_mesh(config.mesh), rules_of(config.mesh)
   split = math.prod(mesh.shape[a] for a in batch_axes(rules))
@@ -82,6 +85,10 @@ def _train_and_evaluate(config, workdir, mesh, rules, stop, log) -> dict:
   t_start = time.time()
 
   # Data and tokenizer.
+  if jax.process_index() == 0:
+    copy_source_tokenizer(config, workdir, log)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tokenizer copied")
   tokenizer = load_or_train_tokenizer(config.data, workdir, log)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(f"invalid config: the tokenizer has {tokenizer.vocab_size} ids > config.model.vocab_size="
@@ -119,6 +126,8 @@ def _train_and_evaluate(config, workdir, mesh, rules, stop, log) -> dict:
   if restored is not None:
     state = restored
     log(f"resumed from step {start} ({int(state.tokens):,} tokens seen)")
+  elif config.train.init_from:
+    state = initial_state(config.train.init_from, config.model, state, shardings, tx, log)
   if jax.process_index() == 0:  # every check has passed: the workdir now holds this run
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
     truncate_jsonl(writer_path, start)

@@ -1,0 +1,95 @@
+"""DeepSeek Sparse Attention's main attention in gathered form: each query reads only its top-k latents.
+
+The mask form (moe_jax.layers.attention._attend with the indexer's selection as a mask) computes every [T, S]
+score and throws most away; this form never builds a [T, S] tensor per head. Queries go in blocks of Tq
+(`config.attention_block_size`); for each block (V3.2 report sec. 2.1, with MLA in its MQA mode, sec. 2.2: one
+latent key c_KV_s and one RoPE key k^R_s per token, shared by all heads):
+  I_t,s = index scores over every visible key s               [Tq, S]   (the lightning indexer: H^I x D^I per key)
+  K_t   = top-k_s I_t,s                                        [Tq, k]   indices (fewer than k visible: the rest
+                                                                          are marked invalid)
+  gather c_KV and k^R at K_t                                   [Tq, k, C + R]
+  o_t,i = W_UV,i sum_{s in K_t} softmax_s(scale (q~_t,i . c_KV_s + q^R_t,i . k^R_s)) c_KV_s
+with q~_t,i = W_UK,i^T q^C_t,i (the absorbed query: V2 report sec. 2.1.3). Keys come in blocks (the cache's S
+slots, then the call's T tokens) and are gathered from each in place, never concatenated. Each query block is
+rematerialised in the backward pass (jax.checkpoint), so what training keeps per layer is O(T k) indices, not the
+gathered latents. Memory per query block: Tq x k x (C + R) gathered values, Tq x H x k scores, Tq x H^I x S index
+dots; per call: the T x k selection. Decoding (T = 1) over a cache of S slots reads k latents, so the main
+attention's cost grows with k, not S; the indexer still scores all S keys, at H^I x D^I multiply-adds per key
+(V3.2: 64 x 128 = 8,192, against the main attention's 128 heads x 1,152 = 147,456).
+
+Same result as the mask form up to rounding (ties in the top-k aside); tests/test_dsa.py compares both.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.layers.indexer import index_scores
+
+
+def _gather(blocks_BSX, idx_BTK):
+  """[B, T, K, X]: entry idx of the blocks' keys laid end to end (each block read in place)."""
+  out, start = None, 0
+  for a_BSX in blocks_BSX:
+    S = a_BSX.shape[1]
+    local_BTK = jnp.clip(idx_BTK - start, 0, S - 1)
+    g_BTKX = jax.vmap(lambda a, i: a[i])(a_BSX, local_BTK)
+    out = g_BTKX if out is None else jnp.where(((idx_BTK >= start) & (idx_BTK < start + S))[..., None], g_BTKX, out)
+    start += S
+  return out
+
+
+def attend_selected(q_lat_BTHC, q_rope_BTHR, ckv_blocks, kpe_blocks, iq_BThd, iw_BTh, index_k_blocks,
+                    cached_B11S, segment_ids_BT, *, topk: int, scale: float, block: int, with_kl: bool):
+  """The selected-keys attention in latent space: (o~ [B, T, H, C] float32, the latents' attention-weighted sum
+  before W_UV; KL(p_t || softmax(I_t)) over the selected keys [B, T] float32, zeros unless `with_kl`).
+
+  ckv_blocks / kpe_blocks / index_k_blocks: the key blocks ([B, S_i, ...]): the cache's (when `cached_B11S` says
+  which of its slots are valid) and then the call's own T tokens, whose visibility is causal by index within a
+  document (`segment_ids_BT`). `p_t` is the attention of query t averaged over heads (a stopped gradient).
+  """
+  B, T, H, C = q_lat_BTHC.shape
+  f32, neg = jnp.float32, jnp.finfo(jnp.float32).min
+  Tq = min(block, T)
+  n = -(-T // Tq)
+  pad = n * Tq - T
+  per_query = (q_lat_BTHC, q_rope_BTHR, iq_BThd, iw_BTh, segment_ids_BT, jnp.arange(T, dtype=jnp.int32))
+  # padded queries (segment 0 at index T..) see only themselves' document and are cut off at the end
+  per_query = [jnp.pad(a, [(0, 0) if ax != 1 else (0, pad) for ax in range(a.ndim)]) if a.ndim > 1 else
+               jnp.pad(a, (0, pad), constant_values=T) for a in per_query]
+  chunks = [a.reshape((a.shape[0], n, Tq) + a.shape[2:]).swapaxes(0, 1) if a.ndim > 1 else a.reshape(n, Tq)
+            for a in per_query]
+
+  @jax.checkpoint
+  def one_block(carry, xs):
+    q_lat, q_rope, iq, iw, seg_q, t_q = xs  # [B, Tq, ...]; t_q [Tq]: the queries' indices in the call
+    scores = []
+    for j, k_BSd in enumerate(index_k_blocks):
+      s_BtS = index_scores(iq, iw, k_BSd)
+      if j == 0 and cached_B11S is not None:
+        vis = cached_B11S[:, 0]  # [B, 1, S]
+      else:
+        t_s = jnp.arange(k_BSd.shape[1])
+        vis = (t_s[None, None, :] <= t_q[None, :, None]) & (seg_q[:, :, None] == segment_ids_BT[:, None, :])
+      scores.append(jnp.where(vis, s_BtS, -jnp.inf))
+    all_BtS = jnp.concatenate(scores, axis=-1)
+    vals_BtK, idx_BtK = jax.lax.top_k(all_BtS, topk)
+    valid_BtK = vals_BtK > -jnp.inf
+    ckv_BtKC, kpe_BtKR = _gather(ckv_blocks, idx_BtK), _gather(kpe_blocks, idx_BtK)
+    logits_BtHK = (jnp.einsum("bthc,btkc->bthk", q_lat, ckv_BtKC, preferred_element_type=f32)
+                   + jnp.einsum("bthr,btkr->bthk", q_rope, kpe_BtKR, preferred_element_type=f32)) * scale
+    probs_BtHK = jax.nn.softmax(jnp.where(valid_BtK[:, :, None], logits_BtHK, neg), axis=-1)
+    o_BtHC = jnp.einsum("bthk,btkc->bthc", probs_BtHK.astype(ckv_BtKC.dtype), ckv_BtKC, preferred_element_type=f32)
+    if not with_kl:
+      return carry, (o_BtHC, jnp.zeros(idx_BtK.shape[:2], f32))
+    p_BtK = jax.lax.stop_gradient(jnp.mean(probs_BtHK, axis=2))
+    logq_BtK = jax.nn.log_softmax(jnp.where(valid_BtK, vals_BtK, neg), axis=-1)  # finite: no NaN in any gradient
+    logp_BtK = jnp.log(jnp.where(p_BtK > 0, p_BtK, 1.0))
+    kl_Bt = jnp.sum(jnp.where(valid_BtK & (p_BtK > 0), p_BtK * (logp_BtK - logq_BtK), 0.0), axis=-1)
+    return carry, (o_BtHC, kl_Bt)
+
+  _, (o_nBtHC, kl_nBt) = jax.lax.scan(one_block, None, chunks)
+  o_BTHC = o_nBtHC.swapaxes(0, 1).reshape(B, n * Tq, H, C)[:, :T]
+  kl_BT = kl_nBt.swapaxes(0, 1).reshape(B, n * Tq)[:, :T]
+  return o_BTHC, kl_BT

@@ -1,0 +1,82 @@
+"""Starting a run from trained weights (`config.train.init_from`) instead of a random initialisation.
+
+`init_from` names a training workdir (its newest checkpoint that verifies) or `hf:DIR` (a published-format
+checkpoint, moe_jax.interop.huggingface). On a fresh start the trainer builds its state as usual (so every array
+has its sharding), then puts the loaded parameters and routing biases in place and re-initialises the optimiser
+state around them; a resumed run reads its own checkpoint and never looks at `init_from` again. Lightning-indexer
+parameters the source lacks stay freshly initialised: a V3 run continues as V3.2 (DeepSeek Sparse Attention) by
+naming it with `config.model.index_n_heads` set, as V3.2 started from V3.1 (V3.2 report sec. 2.1.1). Any other
+difference in the weights' shapes or names is an error naming the array.
+
+A BPE run that names no tokenizer uses the source workdir's tokenizer.json (token ids must mean what the weights
+learned); it is copied into the new workdir before the data pipeline starts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Callable
+
+import jax
+
+from moe_jax.model.variables import merge_variables
+
+HF_PREFIX = "hf:"  # marks a published-format checkpoint directory (moe_jax.restore.load_model)
+
+# Model-config fields that change how the model computes or which DSA stage it is in, not what its weights mean:
+# differences in them are expected when continuing from a checkpoint and are not listed.
+_RUNTIME_FIELDS = {"dtype", "param_dtype", "attention_impl", "attention_block_size", "scan_layers", "remat_policy",
+                   "moe_dispatch", "capacity_factor", "gmm_backend", "ep_capacity_factor", "index_stage",
+                   "decode_attention", "initializer_range"}
+
+
+def is_workdir_source(spec: str | None) -> bool:
+  return bool(spec) and not spec.startswith(HF_PREFIX)
+
+
+def check_source(spec: str) -> None:
+  """Raises ValueError naming config.train.init_from when the source cannot be a checkpoint (before anything is
+  built)."""
+  path = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
+  marker = "config.json"
+  if not os.path.isfile(os.path.join(path, marker)):
+    kind = "a published-format checkpoint directory" if spec.startswith(HF_PREFIX) else "a training workdir"
+    raise ValueError(f"invalid config: config.train.init_from={spec!r} is not {kind} (no {marker} in {path}); "
+                     f"give a training workdir or {HF_PREFIX}DIR")
+
+
+def copy_source_tokenizer(config: Any, workdir: str, log: Callable[[str], None]) -> None:
+  """A BPE run without config.data.tokenizer_path starting from a workdir takes that run's tokenizer."""
+  spec = config.train.init_from
+  if not is_workdir_source(spec) or config.data.tokenizer != "bpe" or config.data.tokenizer_path:
+    return
+  src, dst = os.path.join(spec, "tokenizer.json"), os.path.join(workdir, "tokenizer.json")
+  if os.path.exists(dst) or not os.path.isfile(src):
+    return
+  shutil.copyfile(src, dst + ".tmp")
+  os.replace(dst + ".tmp", dst)
+  log(f"tokenizer: {src} (the run the weights come from)")
+
+
+def _differing_fields(source_cfg: Any, target_cfg: Any) -> list[str]:
+  a, b = source_cfg.to_dict(), target_cfg.to_dict()
+  return sorted(k for k in set(a) | set(b) if k not in _RUNTIME_FIELDS and a.get(k) != b.get(k))
+
+
+def initial_state(spec: str, model_config: Any, state: Any, shardings: Any, tx: Any,
+                  log: Callable[[str], None]) -> Any:
+  """`state` (freshly initialised, step 0) with the parameters and routing biases of `spec` in place and the
+  optimiser state initialised around them."""
+  from moe_jax.restore import load_model  # noqa: PLC0415 - restore imports moe_jax.training: a cycle at import
+  loaded = load_model(spec, log=log)
+  fresh = {"params": state.params} | ({"router": state.router_bias} if state.router_bias else {})
+  variables, left_fresh = merge_variables(loaded.variables, fresh, f"init_from={spec!r}")
+  params = jax.device_put(variables["params"], shardings.params)
+  router = jax.device_put(variables.get("router", {}), shardings.router_bias)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  differ = _differing_fields(loaded.config, model_config)
+  log(f"initialised from {loaded.description}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters"
+      + (f", {len(left_fresh)} indexer arrays freshly initialised" if left_fresh else "")
+      + (f"; model config differs in {', '.join(differ)}" if differ else ""))
+  return state.replace(params=params, router_bias=router, opt_state=opt_state)
