@@ -55,6 +55,7 @@ def _checkpoint_steps(ckpt_dir: str) -> list[int]:
 
 
 def load_workdir(workdir: str, step: int | None = None, log: Callable[[str], None] | None = None) -> LoadedModel:
+  workdir = os.path.abspath(workdir)  # Orbax reads absolute paths only
   config_path = os.path.join(workdir, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{workdir} is not a training workdir (no config.json); for a published-format "

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
+from ml_collections.config_dict import placeholder  # a None field the command line can set
 import numpy as np
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -69,9 +70,9 @@ def base_mesh_config() -> ml_collections.ConfigDict:
   m.rules = default_rules()  # ((logical axis, mesh axes), ...): see moe_jax.sharding.mesh
   # Multi-host (jax.distributed.initialize). None = read JAX's own environment / cluster auto-detection;
   # with a single process nothing is initialised.
-  m.coordinator_address = None  # "host:port" of process 0
-  m.num_processes = None  # processes in the job
-  m.process_id = None  # this process's index
+  m.coordinator_address = placeholder(str)  # "host:port" of process 0
+  m.num_processes = placeholder(int)  # processes in the job
+  m.process_id = placeholder(int)  # this process's index
   return m
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+from ml_collections.config_dict import placeholder  # a None field the command line can set
 
 from moe_jax.config import validate_model_config
 from moe_jax.data.sources import SOURCES
@@ -35,7 +36,7 @@ def base_data_config() -> ml_collections.ConfigDict:
   #                                 tokenising, so memory follows the piece, not the document
   d.validation_fraction = 0.05  # share of documents held out, chosen by a hash of each document's key
   d.tokenizer = "bpe"  # byte (256 bytes + <bos>) | bpe (byte-level BPE trained on the train split, or loaded)
-  d.tokenizer_path = None  # a tokenizer.json to load instead of training one (bpe only)
+  d.tokenizer_path = placeholder(str)  # a tokenizer.json to load instead of training one (bpe only)
   d.bpe_vocab_size = 2048  # BPE vocabulary incl. <bos> when training one; config.model.vocab_size must cover it
   d.shuffle_window = 512  # packed rows shuffled together (a long document fills many rows); 0 or 1 = off
   d.seq_len = 256  # tokens per packed row
@@ -71,7 +72,7 @@ def base_train_config() -> ml_collections.ConfigDict:
   t.grad_clip_norm = 1.0  # global-norm gradient clipping (V3: 1.0)
   t.trainable = "all"  # all | indexer: only the DSA indexers train (V3.2's dense warm-up; the routing biases hold)
   t.index_loss_weight = 1.0  # weight of the DSA indexer's KL loss (model.index_n_heads set) in the training loss
-  t.init_from = None  # a fresh run starts from these weights, not a random init: a training workdir (newest
+  t.init_from = placeholder(str)  # a fresh run starts from these weights, not a random init: a training workdir (newest
   #                     checkpoint) or hf:DIR; DSA indexers it lacks start fresh (moe_jax.training.init_from)
   t.tensorboard = True  # also write TensorBoard event files under WORKDIR/tensorboard
   return t

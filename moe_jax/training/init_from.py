@@ -19,6 +19,7 @@ import shutil
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 from moe_jax.model.variables import merge_variables
 
@@ -69,14 +70,21 @@ def initial_state(spec: str, model_config: Any, state: Any, shardings: Any, tx: 
   """`state` (freshly initialised, step 0) with the parameters and routing biases of `spec` in place and the
   optimiser state initialised around them."""
   from moe_jax.restore import load_model  # noqa: PLC0415 - restore imports moe_jax.training: a cycle at import
-  loaded = load_model(spec, log=log)
+  if spec.startswith(HF_PREFIX):  # stacked or not as this run's layers are
+    from moe_jax.interop import huggingface  # noqa: PLC0415
+    path = spec[len(HF_PREFIX):]
+    source_cfg, source_vars = huggingface.load(path, jnp.float32, scan_layers=bool(model_config.scan_layers))
+    description = f"{path} (published format)"
+  else:
+    loaded = load_model(spec, log=log)
+    source_cfg, source_vars, description = loaded.config, loaded.variables, loaded.description
   fresh = {"params": state.params} | ({"router": state.router_bias} if state.router_bias else {})
-  variables, left_fresh = merge_variables(loaded.variables, fresh, f"init_from={spec!r}")
+  variables, left_fresh = merge_variables(source_vars, fresh, f"init_from={spec!r}")
   params = jax.device_put(variables["params"], shardings.params)
   router = jax.device_put(variables.get("router", {}), shardings.router_bias)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  differ = _differing_fields(loaded.config, model_config)
-  log(f"initialised from {loaded.description}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters"
+  differ = _differing_fields(source_cfg, model_config)
+  log(f"initialised from {description}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters"
       + (f", {len(left_fresh)} indexer arrays freshly initialised" if left_fresh else "")
       + (f"; model config differs in {', '.join(differ)}" if differ else ""))
   return state.replace(params=params, router_bias=router, opt_state=opt_state)
