@@ -244,9 +244,11 @@ def test_gathered_sparse_attention_matches_numpy_and_the_mask_form():
   cached = jnp.asarray([[True] * 3 + [False] * 2] * B)[:, None, None, :]
   scale = 0.3
 
+  eye = jnp.broadcast_to(jnp.eye(C)[:, None, :], (C, H, C))  # W_UK = W_UV = I: q~ = q^C, o = the latent sum
+
   def gathered(q_lat, ckv_c, ckv_n):
-    return attend_selected(q_lat, q_rope, [ckv_c, ckv_n], [kpe_c, kpe_n], proj.q_BThd, proj.w_BTh, [ik_c, proj.k_BTd],
-                           cached, seg, topk=k, scale=scale, block=4, with_kl=True)
+    return attend_selected(q_lat, q_rope, eye, eye, [ckv_c, ckv_n], [kpe_c, kpe_n], proj.q_BThd, proj.w_BTh,
+                           [ik_c, proj.k_BTd], cached, seg, topk=k, scale=scale, block=4, with_kl=True)
 
   o, kl = jax.jit(gathered)(q_lat, ckv_c, ckv_n)
   a = lambda x: np.asarray(x, np.float64)  # noqa: E731
@@ -269,13 +271,11 @@ def test_gathered_sparse_attention_matches_numpy_and_the_mask_form():
       q /= q.sum()
       assert float(kl[b, t]) == pytest.approx(float(np.sum(pm * np.log(pm / q))), rel=1e-4, abs=1e-6)
 
-  def mask_form(q_lat, ckv_c, ckv_n):  # the dense scores with the selection as a mask (absorbed: W_UK = W_UV = I)
+  def mask_form(q_lat, ckv_c, ckv_n):  # the dense scores with the selection as a mask, naive form
     new_vis = attention_mask(seg)
     sel, _ = select_top_k(proj, [ik_c, proj.k_BTd], [cached, new_vis], k)
     blocks = [(LatentCache(ckv_c, kpe_c), sel[0]), (LatentCache(ckv_n, kpe_n), sel[1])]
-    eye = jnp.broadcast_to(jnp.eye(C)[:, None, :], (C, H, C))
-    q_nope = jnp.einsum("bthc,chn->bthn", q_lat, eye)  # W_UK = I: q~ = q^C
-    return _attend(q_nope, q_rope, blocks, eye, eye, True, scale, jnp.float32)[0]
+    return _attend(q_lat, q_rope, blocks, eye, eye, False, scale, jnp.float32)[0]
 
   np.testing.assert_allclose(np.asarray(mask_form(q_lat, ckv_c, ckv_n)), np.asarray(o), rtol=1e-5, atol=1e-5)
   r = f(B, T, H, C)

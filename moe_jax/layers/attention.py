@@ -172,13 +172,10 @@ class MLA(nn.Module):
         new = new._replace(index_k_BSd=proj.k_BTd)
       if gathered_sparse(c, n_keys):  # each query reads its top-k latents only (moe_jax.layers.sparse_attention)
         keys = [k for k, _ in blocks]
-        q_lat_BTHC = jnp.einsum("bthn,chn->bthc", q_nope_BTHN, w_uk_CHN)
-        o_BTHC, kl_BT = attend_selected(
-            q_lat_BTHC, q_rope_BTHR, [k.ckv_BSC for k in keys], [k.kpe_BSR for k in keys], proj.q_BThd, proj.w_BTh,
-            index_keys, inputs.cached_B11S, inputs.segment_ids_BT, topk=c.index_topk, scale=softmax_scale(c),
-            block=c.attention_block_size, with_kl=training)
-        o_BTHA = jnp.einsum("bthc,cha->btha", o_BTHC.astype(dtype), w_uv_CHA, preferred_element_type=jnp.float32
-                            ).astype(dtype)
+        o_BTHA, kl_BT = attend_selected(
+            q_nope_BTHN, q_rope_BTHR, w_uk_CHN, w_uv_CHA, [k.ckv_BSC for k in keys], [k.kpe_BSR for k in keys],
+            proj.q_BThd, proj.w_BTh, index_keys, inputs.cached_B11S, inputs.segment_ids_BT, topk=c.index_topk,
+            scale=softmax_scale(c), block=c.attention_block_size, with_kl=training)
       else:  # the mask form: dense scores, with the indexer's selection as a mask in the sparse stage
         if dsa:
           selected, index_scores_BTS = select_top_k(proj, index_keys, [m for _, m in blocks], c.index_topk)

@@ -11,9 +11,10 @@ latent key c_KV_s and one RoPE key k^R_s per token, shared by all heads):
   o_t,i = W_UV,i sum_{s in K_t} softmax_s(scale (q~_t,i . c_KV_s + q^R_t,i . k^R_s)) c_KV_s
 with q~_t,i = W_UK,i^T q^C_t,i (the absorbed query: V2 report sec. 2.1.3). Keys come in blocks (the cache's S
 slots, then the call's T tokens) and are gathered from each in place, never concatenated. Each query block is
-rematerialised in the backward pass (jax.checkpoint), so what training keeps per layer is O(T k) indices, not the
-gathered latents. Memory per query block: Tq x k x (C + R) gathered values, Tq x H x k scores, Tq x H^I x S index
-dots; per call: the T x k selection. Decoding (T = 1) over a cache of S slots reads k latents, so the main
+rematerialised in the backward pass (jax.checkpoint), so training keeps per layer only the block's inputs (q^C,
+q^R, the indexer's q^I and w) and its output, not the selection or the gathered latents. Memory per query block
+(Tq = min(attention_block_size, 2^17 / k)): Tq x k x (C + R) gathered values, Tq x H x k scores, Tq x H^I x S
+index dots. Decoding (T = 1) over a cache of S slots reads k latents, so the main
 attention's cost grows with k, not S; the indexer still scores all S keys, at H^I x D^I multiply-adds per key
 (V3.2: 64 x 128 = 8,192, against the main attention's 128 heads x 1,152 = 147,456).
 
@@ -40,21 +41,30 @@ def _gather(blocks_BSX, idx_BTK):
   return out
 
 
-def attend_selected(q_lat_BTHC, q_rope_BTHR, ckv_blocks, kpe_blocks, iq_BThd, iw_BTh, index_k_blocks,
-                    cached_B11S, segment_ids_BT, *, topk: int, scale: float, block: int, with_kl: bool):
-  """The selected-keys attention in latent space: (o~ [B, T, H, C] float32, the latents' attention-weighted sum
-  before W_UV; KL(p_t || softmax(I_t)) over the selected keys [B, T] float32, zeros unless `with_kl`).
+# Gathered (query, key) pairs per query block: the block is min(attention_block_size, this / k) queries, so its
+# gathered latents stay near 2^17 x (C + R) values (151 MB at V3's dims in bf16) whatever k is.
+GATHER_BUDGET = 1 << 17
+
+
+def attend_selected(q_nope_BTHN, q_rope_BTHR, w_uk_CHN, w_uv_CHA, ckv_blocks, kpe_blocks, iq_BThd, iw_BTh,
+                    index_k_blocks, cached_B11S, segment_ids_BT, *, topk: int, scale: float, block: int,
+                    with_kl: bool):
+  """The selected-keys attention: (o [B, T, H, A] in q's dtype; KL(p_t || softmax(I_t)) over the selected keys
+  [B, T] float32, zeros unless `with_kl`). The absorbed query and the latent sum are formed per query block, so
+  only q^C (not the 4x larger q~) and o are kept for the backward pass.
 
   ckv_blocks / kpe_blocks / index_k_blocks: the key blocks ([B, S_i, ...]): the cache's (when `cached_B11S` says
   which of its slots are valid) and then the call's own T tokens, whose visibility is causal by index within a
   document (`segment_ids_BT`). `p_t` is the attention of query t averaged over heads (a stopped gradient).
   """
-  B, T, H, C = q_lat_BTHC.shape
+  B, T, H, _ = q_nope_BTHN.shape
+  A = w_uv_CHA.shape[-1]
+  dtype = q_nope_BTHN.dtype
   f32, neg = jnp.float32, jnp.finfo(jnp.float32).min
-  Tq = min(block, T)
+  Tq = min(block, max(8, GATHER_BUDGET // topk), T)
   n = -(-T // Tq)
   pad = n * Tq - T
-  per_query = (q_lat_BTHC, q_rope_BTHR, iq_BThd, iw_BTh, segment_ids_BT, jnp.arange(T, dtype=jnp.int32))
+  per_query = (q_nope_BTHN, q_rope_BTHR, iq_BThd, iw_BTh, segment_ids_BT, jnp.arange(T, dtype=jnp.int32))
   # padded queries (segment 0 at index T..) see only themselves' document and are cut off at the end
   per_query = [jnp.pad(a, [(0, 0) if ax != 1 else (0, pad) for ax in range(a.ndim)]) if a.ndim > 1 else
                jnp.pad(a, (0, pad), constant_values=T) for a in per_query]
@@ -63,7 +73,8 @@ def attend_selected(q_lat_BTHC, q_rope_BTHR, ckv_blocks, kpe_blocks, iq_BThd, iw
 
   @jax.checkpoint
   def one_block(carry, xs):
-    q_lat, q_rope, iq, iw, seg_q, t_q = xs  # [B, Tq, ...]; t_q [Tq]: the queries' indices in the call
+    q_nope, q_rope, iq, iw, seg_q, t_q = xs  # [B, Tq, ...]; t_q [Tq]: the queries' indices in the call
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk_CHN)
     scores = []
     for j, k_BSd in enumerate(index_k_blocks):
       s_BtS = index_scores(iq, iw, k_BSd)
@@ -81,15 +92,16 @@ def attend_selected(q_lat_BTHC, q_rope_BTHR, ckv_blocks, kpe_blocks, iq_BThd, iw
                    + jnp.einsum("bthr,btkr->bthk", q_rope, kpe_BtKR, preferred_element_type=f32)) * scale
     probs_BtHK = jax.nn.softmax(jnp.where(valid_BtK[:, :, None], logits_BtHK, neg), axis=-1)
     o_BtHC = jnp.einsum("bthk,btkc->bthc", probs_BtHK.astype(ckv_BtKC.dtype), ckv_BtKC, preferred_element_type=f32)
+    o_BtHA = jnp.einsum("bthc,cha->btha", o_BtHC.astype(dtype), w_uv_CHA, preferred_element_type=f32).astype(dtype)
     if not with_kl:
-      return carry, (o_BtHC, jnp.zeros(idx_BtK.shape[:2], f32))
+      return carry, (o_BtHA, jnp.zeros(idx_BtK.shape[:2], f32))
     p_BtK = jax.lax.stop_gradient(jnp.mean(probs_BtHK, axis=2))
     logq_BtK = jax.nn.log_softmax(jnp.where(valid_BtK, vals_BtK, neg), axis=-1)  # finite: no NaN in any gradient
     logp_BtK = jnp.log(jnp.where(p_BtK > 0, p_BtK, 1.0))
     kl_Bt = jnp.sum(jnp.where(valid_BtK & (p_BtK > 0), p_BtK * (logp_BtK - logq_BtK), 0.0), axis=-1)
-    return carry, (o_BtHC, kl_Bt)
+    return carry, (o_BtHA, kl_Bt)
 
-  _, (o_nBtHC, kl_nBt) = jax.lax.scan(one_block, None, chunks)
-  o_BTHC = o_nBtHC.swapaxes(0, 1).reshape(B, n * Tq, H, C)[:, :T]
+  _, (o_nBtHA, kl_nBt) = jax.lax.scan(one_block, None, chunks)
+  o_BTHA = o_nBtHA.swapaxes(0, 1).reshape(B, n * Tq, H, A)[:, :T]
   kl_BT = kl_nBt.swapaxes(0, 1).reshape(B, n * Tq)[:, :T]
-  return o_BTHC, kl_BT
+  return o_BTHA, kl_BT
