@@ -6,6 +6,7 @@ config (byte tokenizer, short rows) for tests, the quickstart notebook and smoke
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from moe_jax.config import base_model_config, yarn_rope_scaling
 from moe_jax.sharding import base_mesh_config
@@ -41,6 +42,7 @@ def get_model_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # init and data order
+  config.init_from = placeholder(str)  # start from trained weights: a training workdir or hf:DIR (None: random init)
   config.model = get_model_config()  # the model (moe_jax.config schema)
   config.data = base_data_config()  # fields documented in moe_jax.training.config
   config.data.tokenizer = "byte"  # no tokenizer training

@@ -8,6 +8,7 @@ module.
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from moe_jax.config import base_model_config
 from moe_jax.sharding import base_mesh_config
@@ -46,6 +47,7 @@ def get_model_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # init and data order
+  config.init_from = placeholder(str)  # start from trained weights: a training workdir or hf:DIR (None: random init)
   config.model = get_model_config()  # moe_jax.config schema
 
   config.data = base_data_config()  # moe_jax.training.config.base_data_config documents every field

@@ -5,7 +5,7 @@
 #   warmup    base + fresh lightning indexers, 100 steps: dense attention, only the indexers train (KL loss)
 #   sparse    warmup + 300 steps at the same LR: MLA attends to the indexer's top-32 of up to 128 tokens
 # Every stage is a normal trainer workdir under ROOT (resumable: rerunning skips finished stages);
-# stage 2-4 start from the previous one through --config.train.init_from. Ends with a table of held-out bits/byte.
+# stage 2-4 start from the previous one through --config.init_from. Ends with a table of held-out bits/byte.
 # Usage: bash scripts/dsa_two_stage.sh [ROOT=experiments/runs/dsa_two_stage] [--config.x.y=v for every stage]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,11 +23,11 @@ CONTINUE=(--config.train.learning_rate=3e-4 --config.train.lr_final=3e-4 --confi
           --config.train.lr_decay_start=0 --config.train.eval_every=100 --config.checkpoint.every=100)
 DSA=(--config.model.index_n_heads=4 --config.model.index_head_dim=32 --config.model.index_topk=32)
 train "$ROOT/base"
-train "$ROOT/dense" --config.train.init_from="$ROOT/base" --config.train.num_steps=300 "${CONTINUE[@]}"
-train "$ROOT/warmup" --config.train.init_from="$ROOT/base" --config.train.num_steps=100 "${CONTINUE[@]}" "${DSA[@]}" \
+train "$ROOT/dense" --config.init_from="$ROOT/base" --config.train.num_steps=300 "${CONTINUE[@]}"
+train "$ROOT/warmup" --config.init_from="$ROOT/base" --config.train.num_steps=100 "${CONTINUE[@]}" "${DSA[@]}" \
   --config.model.index_stage=dense_warmup --config.train.trainable=indexer --config.train.learning_rate=1e-3 \
   --config.train.lr_final=1e-3
-train "$ROOT/sparse" --config.train.init_from="$ROOT/warmup" --config.train.num_steps=300 "${CONTINUE[@]}" "${DSA[@]}"
+train "$ROOT/sparse" --config.init_from="$ROOT/warmup" --config.train.num_steps=300 "${CONTINUE[@]}" "${DSA[@]}"
 "$PY" - "$ROOT" <<'PY'
 import json, os, sys
 root = sys.argv[1]

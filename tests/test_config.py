@@ -75,7 +75,7 @@ def test_every_unset_field_can_be_set_from_the_command_line():
   from ml_collections import config_flags
   from ml_collections.config_dict import FieldReference
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  argv = ["prog", "--config=" + os.path.join(repo, "configs", "default.py"), "--config.train.init_from=/runs/v3",
+  argv = ["prog", "--config=" + os.path.join(repo, "configs", "default.py"), "--config.init_from=/runs/v3",
           "--config.model.index_n_heads=4", "--config.data.tokenizer_path=t.json", "--config.mesh.num_processes=2",
           "--config.mesh.coordinator_address=host:1234", "--config.mesh.process_id=1",
           "--config.model.num_key_value_heads=2"]
@@ -83,7 +83,7 @@ def test_every_unset_field_can_be_set_from_the_command_line():
   config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)  # as absl.app.run parses sys.argv
   fv(argv)
   c = fv.config
-  assert (c.train.init_from, c.model.index_n_heads, c.data.tokenizer_path, c.mesh.num_processes,
+  assert (c.init_from, c.model.index_n_heads, c.data.tokenizer_path, c.mesh.num_processes,
           c.mesh.coordinator_address, c.mesh.process_id, c.model.num_key_value_heads) == (
               "/runs/v3", 4, "t.json", 2, "host:1234", 1, 2)
 

@@ -294,7 +294,7 @@ def test_bfloat16_compute_keeps_float32_params_and_optimizer_state(tmp_path):
 
 
 def test_init_from_a_workdir_continues_as_dsa_with_the_model_frozen(tmp_path, monkeypatch):
-  """A V3 run continues as V3.2: config.train.init_from names its workdir, the indexers start fresh, and in the
+  """A V3 run continues as V3.2: config.init_from names its workdir, the indexers start fresh, and in the
   dense warm-up stage with only the indexers trainable the held-out result is the source run's,
   while the indexers move. A source that is not a workdir, or a model whose shapes differ, stops first."""
   src = str(tmp_path / "v3")
@@ -302,7 +302,8 @@ def test_init_from_a_workdir_continues_as_dsa_with_the_model_frozen(tmp_path, mo
   base.data.batch_size, base.data.seq_len, base.checkpoint.every = 4, 32, 0
   first = train_and_evaluate(base, src, log=lambda _: None)
   monkeypatch.chdir(tmp_path)  # a relative path, as typed on a command line
-  c = _config(tmp_path, num_steps=2, init_from="v3", trainable="indexer", learning_rate=1e-2, warmup_steps=0)
+  c = _config(tmp_path, num_steps=2, trainable="indexer", learning_rate=1e-2, warmup_steps=0)
+  c.init_from = "v3"
   c.data.batch_size, c.data.seq_len, c.checkpoint.every = 4, 32, 0
   c.model.update(index_n_heads=2, index_head_dim=16, index_topk=8, index_stage="dense_warmup")
   logs = []
@@ -316,15 +317,18 @@ def test_init_from_a_workdir_continues_as_dsa_with_the_model_frozen(tmp_path, mo
   from moe_jax.interop import huggingface
   from moe_jax.restore import load_model
   huggingface.save(base.model, load_model(src).variables, str(tmp_path / "hf"))
-  hf = _config(tmp_path, num_steps=1, init_from="hf:" + str(tmp_path / "hf"))
+  hf = _config(tmp_path, num_steps=1)
+  hf.init_from = "hf:" + str(tmp_path / "hf")
   hf.data.batch_size, hf.data.seq_len, hf.checkpoint.every = 4, 32, 0
   logs = []
   train_and_evaluate(hf, str(tmp_path / "from_hf"), log=logs.append)
   assert any(l.startswith("initialised from") and "published format" in l for l in logs), logs
-  bad = _config(tmp_path, init_from=str(tmp_path / "nowhere"))
-  with pytest.raises(ValueError, match="config.train.init_from=.*not a training workdir"):
+  bad = _config(tmp_path)
+  bad.init_from = str(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match="config.init_from=.*not a training workdir"):
     train_and_evaluate(bad, str(tmp_path / "bad1"), log=lambda _: None)
-  other = _config(tmp_path, init_from=src)
+  other = _config(tmp_path)
+  other.init_from = src
   other.data.batch_size, other.data.seq_len = 4, 32
   other.model.v_head_dim = 8
   with pytest.raises(ValueError, match="w_uv: shape"):

@@ -14,6 +14,7 @@ one sequence fits, 256 per device need gradient accumulation (not in the trainer
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from moe_jax.config import base_model_config
 from moe_jax.sharding import base_mesh_config
@@ -62,6 +63,7 @@ def get_model_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0  # init and data order
+  config.init_from = placeholder(str)  # start from trained weights: a training workdir or hf:DIR (None: random init)
   config.model = get_model_config()
   config.data = base_data_config()
   config.data.source = "jsonl"  # give --config.data.paths

@@ -1,6 +1,8 @@
 """The experiment config schema (everything but the model, which is moe_jax.config) and its validation.
 
   config.seed        int: parameter init and data shuffling
+  config.init_from   str | None: a fresh run starts from these weights (a training workdir or hf:DIR; DSA indexers
+                     the source lacks start fresh: moe_jax.training.init_from); None = random init
   config.model       moe_jax.config.base_model_config() schema
   config.data        base_data_config()
   config.train       base_train_config()
@@ -72,8 +74,6 @@ def base_train_config() -> ml_collections.ConfigDict:
   t.grad_clip_norm = 1.0  # global-norm gradient clipping (V3: 1.0)
   t.trainable = "all"  # all | indexer: only the DSA indexers train (V3.2's dense warm-up; the routing biases hold)
   t.index_loss_weight = 1.0  # weight of the DSA indexer's KL loss (model.index_n_heads set) in the training loss
-  t.init_from = placeholder(str)  # a fresh run starts from these weights, not a random init: a training workdir (newest
-  #                     checkpoint) or hf:DIR; DSA indexers it lacks start fresh (moe_jax.training.init_from)
   t.tensorboard = True  # also write TensorBoard event files under WORKDIR/tensorboard
   return t
 
@@ -160,8 +160,9 @@ def validate_config(config: Any) -> None:
   _require(t.trainable == "all" or config.model.index_n_heads is not None,
            "config.train.trainable='indexer' needs a DSA model (config.model.index_n_heads)")
   _require(t.index_loss_weight >= 0, f"config.train.index_loss_weight={t.index_loss_weight} must be >= 0")
-  _require(t.init_from is None or (isinstance(t.init_from, str) and t.init_from),
-           f"config.train.init_from={t.init_from!r} must be a training workdir, hf:DIR, or None")
+  init_from = config.get("init_from")
+  _require(init_from is None or (isinstance(init_from, str) and init_from),
+           f"config.init_from={init_from!r} must be a training workdir, hf:DIR, or None")
   _require(t.grad_clip_norm > 0, f"config.train.grad_clip_norm={t.grad_clip_norm} must be > 0")
   _require(t.weight_decay >= 0, f"config.train.weight_decay={t.weight_decay} must be >= 0")
   _require(0 <= t.adam_b1 < 1 and 0 <= t.adam_b2 < 1, "config.train.adam_b1 and adam_b2 must be in [0, 1)")

@@ -1,4 +1,4 @@
-"""Starting a run from trained weights (`config.train.init_from`) instead of a random initialisation.
+"""Starting a run from trained weights (`config.init_from`) instead of a random initialisation.
 
 `init_from` names a training workdir (its newest checkpoint that verifies) or `hf:DIR` (a published-format
 checkpoint, moe_jax.interop.huggingface). On a fresh start the trainer builds its state as usual (so every array
@@ -37,19 +37,19 @@ def is_workdir_source(spec: str | None) -> bool:
 
 
 def check_source(spec: str) -> None:
-  """Raises ValueError naming config.train.init_from when the source cannot be a checkpoint (before anything is
+  """Raises ValueError naming config.init_from when the source cannot be a checkpoint (before anything is
   built)."""
   path = spec[len(HF_PREFIX):] if spec.startswith(HF_PREFIX) else spec
   marker = "config.json"
   if not os.path.isfile(os.path.join(path, marker)):
     kind = "a published-format checkpoint directory" if spec.startswith(HF_PREFIX) else "a training workdir"
-    raise ValueError(f"invalid config: config.train.init_from={spec!r} is not {kind} (no {marker} in {path}); "
+    raise ValueError(f"invalid config: config.init_from={spec!r} is not {kind} (no {marker} in {path}); "
                      f"give a training workdir or {HF_PREFIX}DIR")
 
 
 def copy_source_tokenizer(config: Any, workdir: str, log: Callable[[str], None]) -> None:
   """A BPE run without config.data.tokenizer_path starting from a workdir takes that run's tokenizer."""
-  spec = config.train.init_from
+  spec = config.get("init_from")
   if not is_workdir_source(spec) or config.data.tokenizer != "bpe" or config.data.tokenizer_path:
     return
   src, dst = os.path.join(spec, "tokenizer.json"), os.path.join(workdir, "tokenizer.json")

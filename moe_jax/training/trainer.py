@@ -56,8 +56,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
   run), WorkdirInUse (another trainer writes it), CheckpointsUnreadable, CheckpointWriteError, TrainingDiverged.
   """
   validate_config(config)
-  if config.train.init_from and not os.path.exists(os.path.join(workdir, "config.json")):  # a fresh run
-    check_source(config.train.init_from)
+  if config.get("init_from") and not os.path.exists(os.path.join(workdir, "config.json")):  # a fresh run
+    check_source(config.init_from)
   maybe_initialize(config.mesh)
   mesh, rules = make_mesh(config.mesh), rules_of(config.mesh)
   split = math.prod(mesh.shape[a] for a in batch_axes(rules))
@@ -126,8 +126,8 @@ def _train_and_evaluate(config, workdir, mesh, rules, stop, log) -> dict:
   if restored is not None:
     state = restored
     log(f"resumed from step {start} ({int(state.tokens):,} tokens seen)")
-  elif config.train.init_from:
-    state = initial_state(config.train.init_from, config.model, state, shardings, tx, log)
+  elif config.get("init_from"):
+    state = initial_state(config.init_from, config.model, state, shardings, tx, log)
   if jax.process_index() == 0:  # every check has passed: the workdir now holds this run
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
     truncate_jsonl(writer_path, start)
