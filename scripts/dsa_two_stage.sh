@@ -4,6 +4,7 @@
 #   dense     base + 300 steps at a constant LR, dense MLA                          (the comparison)
 #   warmup    base + fresh lightning indexers, 100 steps: dense attention, only the indexers train (KL loss)
 #   sparse    warmup + 300 steps at the same LR: MLA attends to the indexer's top-32 of up to 128 tokens
+#   no_warmup base + fresh indexers straight into the sparse stage (the control: what the warm-up buys)
 # Every stage is a normal trainer workdir under ROOT (resumable: rerunning skips finished stages);
 # stage 2-4 start from the previous one through --config.init_from. Ends with a table of held-out bits/byte.
 # Usage: bash scripts/dsa_two_stage.sh [ROOT=experiments/runs/dsa_two_stage] [--config.x.y=v for every stage]
@@ -28,10 +29,11 @@ train "$ROOT/warmup" --config.init_from="$ROOT/base" --config.train.num_steps=10
   --config.model.index_stage=dense_warmup --config.train.trainable=indexer --config.train.learning_rate=1e-3 \
   --config.train.lr_final=1e-3
 train "$ROOT/sparse" --config.init_from="$ROOT/warmup" --config.train.num_steps=300 "${CONTINUE[@]}" "${DSA[@]}"
+train "$ROOT/no_warmup" --config.init_from="$ROOT/base" --config.train.num_steps=300 "${CONTINUE[@]}" "${DSA[@]}"
 "$PY" - "$ROOT" <<'PY'
 import json, os, sys
 root = sys.argv[1]
-ev = {s: json.load(open(os.path.join(root, s, "eval.json"))) for s in ("base", "dense", "warmup", "sparse")}
+ev = {s: json.load(open(os.path.join(root, s, "eval.json"))) for s in ("base", "dense", "warmup", "sparse", "no_warmup")}
 print(f"{'stage':<8} {'bits/byte':>9} {'vs dense':>9} {'tokens/s':>9}")
 for s, e in ev.items():
   print(f"{s:<8} {e['bits_per_byte']:>9.4f} {e['bits_per_byte'] / ev['dense']['bits_per_byte'] - 1:>+9.2%} "

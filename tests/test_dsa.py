@@ -15,7 +15,7 @@ import numpy_reference as ref
 from moe_jax.config import validate_model_config
 from moe_jax.inference import Generator, cache_bytes_per_token, init_cache
 from moe_jax.layers.attention import attention_inputs, attention_mask
-from moe_jax.layers.indexer import Indexer, select_top_k
+from moe_jax.layers.indexer import Indexer, select_top_k, visible_scores
 
 DSA = dict(index_n_heads=4, index_head_dim=16, index_topk=4)
 
@@ -47,7 +47,8 @@ def test_indexer_selection_matches_numpy_top_k():
   params = jax.tree.map(lambda a: a * 30.0, params)
   proj = mod.apply({"params": params}, x, cq, inputs)
   keys = proj.k_BTd
-  (selected,), _ = select_top_k(proj, [keys], [attention_mask(jnp.asarray(seg))], cfg.index_topk)
+  vis = [attention_mask(jnp.asarray(seg))]
+  (selected,) = select_top_k(visible_scores(proj, [keys], vis), vis, cfg.index_topk)
   assert selected.shape == (B, 1, T, T) and keys.shape == (B, T, cfg.index_head_dim)
   p64 = to_numpy64(params)
   freq = ref.yarn_inv_freq(cfg)
@@ -273,7 +274,7 @@ def test_gathered_sparse_attention_matches_numpy_and_the_mask_form():
 
   def mask_form(q_lat, ckv_c, ckv_n):  # the dense scores with the selection as a mask, naive form
     new_vis = attention_mask(seg)
-    sel, _ = select_top_k(proj, [ik_c, proj.k_BTd], [cached, new_vis], k)
+    sel = select_top_k(visible_scores(proj, [ik_c, proj.k_BTd], [cached, new_vis]), [cached, new_vis], k)
     blocks = [(LatentCache(ckv_c, kpe_c), sel[0]), (LatentCache(ckv_n, kpe_n), sel[1])]
     return _attend(q_lat, q_rope, blocks, eye, eye, False, scale, jnp.float32)[0]
 

@@ -26,6 +26,11 @@ separate sequences and cached decoding continues at each sequence's own position
 Parameter names follow the report's matrices (W_DQ -> wq_a, W_UQ/W_QR -> wq_b_nope/wq_b_rope, W_DKV -> w_dkv,
 W_KR -> w_kr, W_UK -> w_uk, W_UV -> w_uv, W_O -> wo).
 
+DeepSeek Sparse Attention (V3.2; `index_n_heads` set): a lightning indexer (moe_jax.layers.indexer) scores the
+visible keys and each query attends to its top-`index_topk`. Over at most k keys that is every visible key, and
+the forms above run with the selection as a mask (also the dense warm-up stage, where only the indexer's KL loss
+reads the scores); over more, the gathered form (moe_jax.layers.sparse_attention) reads only the selected latents.
+
 `GQA` is the baseline MLA is measured against (config.attention_type "mha" | "gqa"): multi-head attention
 (Vaswani et al. 2017) with key/value heads shared by groups of query heads (grouped-query attention, Ainslie et
 al. 2023; MHA is one query head per key/value head). It keeps MLA's per-head dims, so the two differ only in what
@@ -45,7 +50,7 @@ import jax.numpy as jnp
 from moe_jax.config import kv_heads, softmax_scale, uses_indexer
 from moe_jax.kernels.attention import attend, resolve_attention
 from moe_jax.layers.base import as_dtype, constrain, normal_init, param, project
-from moe_jax.layers.indexer import Indexer, index_kl_per_query, mean_over_queries, select_top_k
+from moe_jax.layers.indexer import Indexer, index_kl_per_query, mean_over_queries, select_top_k, visible_scores
 from moe_jax.layers.sparse_attention import attend_selected
 from moe_jax.layers.norm import RMSNorm
 from moe_jax.layers.rope import apply_rope, rope_cos_sin
@@ -177,9 +182,10 @@ class MLA(nn.Module):
             proj.q_BThd, proj.w_BTh, index_keys, inputs.cached_B11S, inputs.segment_ids_BT, topk=c.index_topk,
             scale=softmax_scale(c), block=c.attention_block_size, with_kl=training)
       else:  # the mask form: dense scores, with the indexer's selection as a mask in the sparse stage
-        if dsa:
-          selected, index_scores_BTS = select_top_k(proj, index_keys, [m for _, m in blocks], c.index_topk)
+        if dsa:  # dense warm-up: the scores only, for the KL over every visible key
+          index_scores_BTS = visible_scores(proj, index_keys, [m for _, m in blocks])
           if sparse:
+            selected = select_top_k(index_scores_BTS, [m for _, m in blocks], c.index_topk)
             blocks = [(keys, sel) for (keys, _), sel in zip(blocks, selected)]
         absorb = cache is not None and c.decode_attention == "absorbed"
         o_BTHA, probs_BHTS = _attend(q_nope_BTHN, q_rope_BTHR, blocks, w_uk_CHN, w_uv_CHA, absorb, softmax_scale(c),

@@ -19,7 +19,9 @@ trains (`config.train.trainable="indexer"`). Sparse training (`"sparse"`): atten
 covers the selected tokens only, and the indexer's inputs are detached so L^I moves only the indexer while the
 language-modelling loss moves everything else (`index_kl_divergence`; MLA sows it into the "losses" collection).
 
-Parameter names follow the release (wq_b, wk, k_norm, weights_proj).
+Here: `Indexer` (the module) computes q^I, w and k^I per token; `index_scores` / `visible_scores` the scores;
+`select_top_k` the selection as masks (MLA's mask form; the gathered form, moe_jax.layers.sparse_attention,
+scores and selects per query block itself). Parameter names follow the release (wq_b, wk, k_norm, weights_proj).
 """
 
 from __future__ import annotations
@@ -87,13 +89,15 @@ def index_scores(q_BThd, w_BTh, k_BSd):
   return jnp.einsum("bth,bths->bts", w_BTh, jax.nn.relu(dots_BThS))
 
 
-def select_top_k(proj: IndexerProjections, keys: list, visible: list, topk: int):
-  """The mask form of the selection: (per key block [B, 1, T, S_i] bool, the scores I over all blocks' keys
-  [B, T, sum S_i] float32, -inf where not visible). keys / visible: the key blocks ([B, S_i, D^I]) and their
-  [B, 1, T | 1, S_i] visibility, the call's own tokens last."""
-  scores = [jnp.where(vis[:, 0], index_scores(proj.q_BThd, proj.w_BTh, k_BSd), -jnp.inf)
-            for k_BSd, vis in zip(keys, visible)]
-  all_BTS = jnp.concatenate(scores, axis=-1)
+def visible_scores(proj: IndexerProjections, keys: list, visible: list):
+  """The scores I over all key blocks [B, T, sum S_i] float32, -inf where not visible. keys / visible: the key
+  blocks ([B, S_i, D^I]) and their [B, 1, T | 1, S_i] visibility, the call's own tokens last."""
+  return jnp.concatenate([jnp.where(vis[:, 0], index_scores(proj.q_BThd, proj.w_BTh, k_BSd), -jnp.inf)
+                          for k_BSd, vis in zip(keys, visible)], axis=-1)
+
+
+def select_top_k(all_BTS, visible: list, topk: int):
+  """The mask form of the selection: per key block [B, 1, T, S_i] bool, the top-k of `visible_scores`."""
   k = min(topk, all_BTS.shape[-1])
   _, top_BTK = jax.lax.top_k(all_BTS, k)
   chosen_BTS = jnp.put_along_axis(jnp.zeros(all_BTS.shape, bool), top_BTK, True, axis=-1, inplace=False)
@@ -102,7 +106,7 @@ def select_top_k(proj: IndexerProjections, keys: list, visible: list, topk: int)
     S = vis.shape[-1]
     out.append(chosen_BTS[:, None, :, start:start + S] & vis)  # never a token dense MLA would not see
     start += S
-  return out, all_BTS
+  return out
 
 
 def index_kl_per_query(probs_BHTS, scores_BTS, support_BTS):
