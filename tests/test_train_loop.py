@@ -244,7 +244,9 @@ def test_kill_and_resume_gives_identical_losses(tmp_path):
                "--config.data.validation_fraction=0.15", "--config.data.batch_size=16", "--config.data.seq_len=128",
                "--config.train.num_steps=40", "--config.train.log_every=1", "--config.train.tensorboard=False",
                "--config.checkpoint.every=4", "--config.checkpoint.keep=2"]
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+  # one persistent compile cache for the three runs of the same program (the later two skip compiling)
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"))
   ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
   subprocess.run(_train_cmd(ref, overrides), cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
   proc = subprocess.Popen(_train_cmd(run, overrides), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
