@@ -2,7 +2,8 @@
 # The checks only a GPU can show, in one call (for a lent device; see docs/benchmarks.md for what they found):
 # the GPU kernel and attention tests on the device, bench_gmm per GPU backend at V3 shapes against a dense matmul,
 # bench_attention as T grows, bench_dsa (DeepSeek Sparse Attention vs dense MLA at V3.2's dims), and bench_mfu
-# on configs/bench_1b.py per gmm backend. JSON rows and logs go to ${OUT:-/tmp/gpu_checks}. Each step is bounded by `timeout`, so one hang does not eat the rest.
+# on configs/bench_1b.py per gmm backend. JSON rows and logs go to ${OUT:-/tmp/gpu_checks}. Each step is bounded
+# by `timeout`, so one hang does not eat the rest.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_checks}"
