@@ -21,9 +21,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from moe_jax.interop import huggingface
 from moe_jax.model.variables import merge_variables
-
-HF_PREFIX = "hf:"  # marks a published-format checkpoint directory (moe_jax.restore.load_model)
+from moe_jax.training.saved_weights import HF_PREFIX, read_workdir_weights
 
 # Model-config fields that change how the model computes or which DSA stage it is in, not what its weights mean:
 # differences in them are expected when continuing from a checkpoint and are not listed.
@@ -69,15 +69,13 @@ def initial_state(spec: str, model_config: Any, state: Any, shardings: Any, tx: 
                   log: Callable[[str], None]) -> Any:
   """`state` (freshly initialised, step 0) with the parameters and routing biases of `spec` in place and the
   optimiser state initialised around them."""
-  from moe_jax.restore import load_model  # noqa: PLC0415 - restore imports moe_jax.training: a cycle at import
   if spec.startswith(HF_PREFIX):  # stacked or not as this run's layers are
-    from moe_jax.interop import huggingface  # noqa: PLC0415
     path = spec[len(HF_PREFIX):]
     source_cfg, source_vars = huggingface.load(path, jnp.float32, scan_layers=bool(model_config.scan_layers))
     description = f"{path} (published format)"
   else:
-    loaded = load_model(spec, log=log)
-    source_cfg, source_vars, description = loaded.config, loaded.variables, loaded.description
+    w = read_workdir_weights(spec, log=log)
+    source_cfg, source_vars, description = w.model_config, w.variables, w.description
   fresh = {"params": state.params} | ({"router": state.router_bias} if state.router_bias else {})
   variables, left_fresh = merge_variables(source_vars, fresh, f"init_from={spec!r}")
   params = jax.device_put(variables["params"], shardings.params)
