@@ -3,6 +3,9 @@ each script can import it beside its own."""
 
 from __future__ import annotations
 
+import json
+import statistics
+import sys
 import time
 
 import jax
@@ -47,3 +50,23 @@ def time_steps(step, state, batch, steps: int, warmup: int = 0):
     state, m = step(state, batch)
   jax.block_until_ready(m)
   return state, compile_s, (time.perf_counter() - t0) / steps
+
+
+def median_seconds(fn, *args, repeats: int) -> float:
+  """Median wall time of `fn(*args)` over `repeats` calls after one compiling, warming call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def emit(row: dict, as_json: bool) -> None:
+  """One measurement: a JSON line, or key=value pairs (floats to 4 significant digits)."""
+  if as_json:
+    print(json.dumps(row))
+  else:
+    print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+  sys.stdout.flush()

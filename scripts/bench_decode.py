@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -33,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # configs/
 
 from configs import deepseek_v2_lite, deepseek_v3  # noqa: E402
+from bench_common import emit, median_seconds  # noqa: E402 - scripts/
 from configs import debug  # noqa: E402
 from moe_jax.inference import Generator, Sampling, cache_bytes_per_token  # noqa: E402
 from moe_jax.layers import MLA  # noqa: E402
@@ -68,13 +68,7 @@ def cache_rows(dtype) -> list[dict]:
 
 
 def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm
-  times = []
-  for _ in range(_REPEATS.value):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return median_seconds(fn, *args, repeats=_REPEATS.value)
 
 
 def attention_rows(dtype) -> list[dict]:
@@ -180,11 +174,7 @@ def compile_rows() -> list[dict]:
 
 def _emit(rows):
   for r in rows:
-    if _JSON.value:
-      print(json.dumps(r))
-    else:
-      print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
-  sys.stdout.flush()
+    emit(r, _JSON.value)
 
 
 def main(argv):

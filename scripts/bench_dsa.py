@@ -18,18 +18,15 @@ A variant whose compiled temporary memory exceeds --max_gib is reported but not 
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
+from bench_common import emit, median_seconds  # scripts/ (also keeps the entry points' host-memory settings)
 from moe_jax.config import base_model_config
-from moe_jax.host_memory import keep_host_memory
 from moe_jax.layers import MLA
 from moe_jax.layers.attention import LatentCache, attention_inputs
 
@@ -70,13 +67,7 @@ def _params(cfg, dtype):
 
 
 def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm
-  times = []
-  for _ in range(_REPEATS.value):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return median_seconds(fn, *args, repeats=_REPEATS.value)
 
 
 def _temp_gib(fn, *args) -> float:
@@ -138,16 +129,11 @@ def prefill_rows(dtype, train: bool) -> None:
 
 
 def _emit(row: dict) -> None:
-  if _JSON.value:
-    print(json.dumps(row))
-  else:
-    print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-  sys.stdout.flush()
+  emit(row, _JSON.value)
 
 
 def main(argv):
   del argv
-  keep_host_memory()
   platform = jax.default_backend()
   dtype = jnp.dtype(_DTYPE.value or ("float32" if platform == "cpu" else "bfloat16"))
   print(f"# device: {jax.devices()[0].device_kind} ({platform}), jax {jax.__version__}; V3 attention head dims, "
