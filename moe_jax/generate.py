@@ -1,10 +1,11 @@
 """Generate from a trained model, plain or with MTP speculative decoding.
 
     python -m moe_jax.generate --checkpoint=/tmp/moe_jax_default --prompt="def main(" --max_new_tokens=64
-    python -m moe_jax.generate --checkpoint=hf:/path/to/DeepSeek-V3 --prompt_ids=0,1,2 --speculative --json
+    python -m moe_jax.generate --checkpoint=hf:/path/to/DeepSeek-V3 --prompt="def main(" --speculative --json
 
 --checkpoint: a training workdir (its newest checkpoint, or --step) or hf:DIR (published format). --prompt is
-encoded with the run's tokenizer after <bos>; --prompt_ids are used as given. --json prints one object:
+encoded after <bos> with the run's tokenizer, or a published checkpoint's tokenizer.json (its <bos> named by
+tokenizer_config.json); --prompt_ids are used as given. --json prints one object:
 tokens (generated ids), text (when a tokenizer is known), finish_reason and the statistics (tokens_per_step,
 acceptance_rate when speculative, seconds; the first call's seconds include compilation).
 """

@@ -2,12 +2,13 @@
 
     model = restore.load_model("/tmp/moe_jax_default")        # WORKDIR of `moe_jax.train`: newest checkpoint
     model = restore.load_model("hf:/path/to/DeepSeek-V3")      # config.json + safetensors
-    model.config, model.variables ({"params", "router"}), model.tokenizer (None for hf:), model.description
+    model.config, model.variables ({"params", "router"}), model.tokenizer, model.description
 
 From a workdir only the parameters and routing biases are read (moe_jax.training.saved_weights: no optimiser
 state, no data iterator, checked against the fingerprint recorded at save time; an unreadable newest checkpoint
 is reported and the one before it used). The tokenizer is the one the run trained with (WORKDIR/tokenizer.json,
-config.data.tokenizer_path, or bytes).
+config.data.tokenizer_path, or bytes); a published checkpoint's is its tokenizer.json, with <bos> as its
+tokenizer_config.json names it (None without tokenizer.json: give token ids).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moe_jax.data import load_tokenizer
+from moe_jax.data.tokenizer import load_published
 from moe_jax.interop import huggingface
 from moe_jax.training.saved_weights import HF_PREFIX, read_workdir_weights
 
@@ -48,5 +50,9 @@ def load_model(spec: str, *, step: int | None = None, dtype: Any = jnp.float32,
   if spec.startswith(HF_PREFIX):
     path = spec[len(HF_PREFIX):]
     cfg, variables = huggingface.load(path, dtype)
-    return LoadedModel(cfg, variables, None, f"{path} (published format)")
+    tokenizer = load_published(path)
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+      raise ValueError(f"{path}/tokenizer.json has {tokenizer.vocab_size} ids > the model's vocab_size "
+                       f"{cfg.vocab_size}: not this model's tokenizer")
+    return LoadedModel(cfg, variables, tokenizer, f"{path} (published format)")
   return load_workdir(spec, step, log)

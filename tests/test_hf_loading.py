@@ -164,3 +164,31 @@ def test_fp8_without_scale_is_an_error(tmp_path):
 def test_missing_directory_and_config(tmp_path):
   with pytest.raises(FileNotFoundError, match="config.json"):
     huggingface.load(str(tmp_path))
+
+
+def test_generate_with_text_uses_the_published_tokenizer(tmp_path):
+  """`generate --checkpoint=hf:DIR --prompt=TEXT` encodes with DIR/tokenizer.json after the <bos> that
+  tokenizer_config.json names (DeepSeek's "<｜begin▁of▁sentence｜>", not id 0 here), as a user runs it."""
+  import subprocess
+  import sys
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  bos = "<｜begin▁of▁sentence｜>"
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<pad>", bos], show_progress=False,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(["def main(args):\n    return args\n"] * 20, trainer=trainer)
+  path = str(tmp_path / "ckpt")
+  make_v3(path, vocab_size=300)
+  tok.save(os.path.join(path, "tokenizer.json"))
+  with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+    json.dump({"bos_token": {"content": bos, "__type": "AddedToken"}, "eos_token": "<pad>"}, f)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+  out = subprocess.run([sys.executable, "-m", "moe_jax.generate", f"--checkpoint=hf:{path}", "--prompt=def main(",
+                        "--max_new_tokens=3", "--json"], capture_output=True, text=True, cwd=repo, env=env,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got["prompt_ids"] == [tok.token_to_id(bos)] + tok.encode("def main(", add_special_tokens=False).ids
+  assert got["prompt_ids"][0] == 1 and isinstance(got["text"], str)

@@ -46,13 +46,16 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-  def __init__(self, tokenizer):
+  """A `tokenizers` byte-level BPE: ours (<bos> = "<bos>") or a published checkpoint's (`load_published`)."""
+
+  def __init__(self, tokenizer, bos_token: str = BOS):
     self._tok = tokenizer
     self.vocab_size = tokenizer.get_vocab_size()
-    bos = tokenizer.token_to_id(BOS)
+    bos = tokenizer.token_to_id(bos_token)
     if bos is None:
-      raise ValueError(f"tokenizer has no {BOS} token; train one with moe_jax.data.tokenizer.train_bpe")
+      raise ValueError(f"tokenizer has no {bos_token} token; train one with moe_jax.data.tokenizer.train_bpe")
     self.bos_id = bos
+    self._special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     self._byte_strings: list[bytes] | None = None
 
   @classmethod
@@ -78,9 +81,39 @@ class BPETokenizer:
     """The exact bytes of one token (a token may hold part of a UTF-8 character, so no text decoding)."""
     if self._byte_strings is None:
       inverse = _byte_level_inverse()
-      self._byte_strings = [b"" if t in (None, BOS) else bytes(inverse[ch] for ch in t)
-                            for t in (self._tok.id_to_token(j) for j in range(self.vocab_size))]
-    return self._byte_strings[i]
+
+      def token_bytes(j: int) -> bytes:
+        t = self._tok.id_to_token(j)
+        if t is None or j in self._special:
+          return b""
+        if all(ch in inverse for ch in t):  # byte-level symbols (ours, DeepSeek's)
+          return bytes(inverse[ch] for ch in t)
+        return self._tok.decode([j], skip_special_tokens=False).encode("utf-8")  # an added plain-text token
+
+      self._byte_strings = [token_bytes(j) for j in range(self.vocab_size)]
+    # ids past the tokenizer's are the model's padding rows (DeepSeek-V3: 129,280 rows, 128,815 tokens)
+    return self._byte_strings[i] if 0 <= i < self.vocab_size else b""
+
+
+def load_published(directory: str) -> BPETokenizer | None:
+  """A published checkpoint's tokenizer: DIR/tokenizer.json, with <bos> = tokenizer_config.json's `bos_token`
+  (DeepSeek-V3: "<｜begin▁of▁sentence｜>"); None when DIR has no tokenizer.json. Raises ValueError when the
+  config names no bos_token or the tokenizer lacks it."""
+  import json  # noqa: PLC0415
+  from tokenizers import Tokenizer as HFTokenizer  # noqa: PLC0415
+
+  path = os.path.join(directory, "tokenizer.json")
+  if not os.path.isfile(path):
+    return None
+  bos = None
+  config_path = os.path.join(directory, "tokenizer_config.json")
+  if os.path.isfile(config_path):
+    with open(config_path) as f:
+      bos = json.load(f).get("bos_token")
+  bos = bos.get("content") if isinstance(bos, dict) else bos
+  if not bos:
+    raise ValueError(f"{config_path} names no bos_token; the model's documents start with one")
+  return BPETokenizer(HFTokenizer.from_file(path), bos)
 
 
 def _byte_level_inverse() -> dict[str, int]:
