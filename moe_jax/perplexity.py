@@ -19,7 +19,7 @@ from moe_jax.cli import fail, load_model_or_exit
 from moe_jax.host_memory import keep_host_memory
 from moe_jax.inference.scoring import evaluate_perplexity
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (hf:DIR checkpoints carry no tokenizer).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, or hf:DIR with its tokenizer.json.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _DATA = flags.DEFINE_string("data", None, "A text file (one document) or .jsonl file (one document per line).")
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "The jsonl field holding the text.")

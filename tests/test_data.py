@@ -249,6 +249,12 @@ def test_bpe_roundtrip_and_token_bytes(tmp_path):
   assert list(again.encode(texts[0])) == list(tok.encode(texts[0]))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     load_or_train_tokenizer(_data_cfg(tokenizer="bpe", tokenizer_path=str(tmp_path / "none.json")), None)
+  # as a published checkpoint carries it (moe_jax.export): the same ids, <bos> and bytes back
+  from moe_jax.data.tokenizer import load_published, save_published
+  save_published(tok, str(tmp_path))
+  pub = load_published(str(tmp_path))
+  assert pub.bos_id == tok.bos_id and list(pub.encode(texts[1])) == list(tok.encode(texts[1]))
+  assert pub.decode(tok.encode(texts[1])) == texts[1] and pub.decode([tok.bos_id, tok.vocab_size + 3]) == b""
 
 
 def test_bpe_trained_in_workdir_is_reused(tmp_path):

@@ -315,10 +315,16 @@ def test_init_from_a_workdir_continues_as_dsa_with_the_model_frozen(tmp_path, mo
   assert warm["bits_per_byte"] == pytest.approx(first["bits_per_byte"], rel=1e-6)
   rows = [json.loads(l) for l in open(tmp_path / "v32" / "metrics.jsonl") if '"index_loss"' in l]
   assert len(rows) == 2 and all(r["index_loss"] > 0 for r in rows) and rows[1]["index_loss"] != rows[0]["index_loss"]
-  # the same weights through the published format
+  # the same weights through the published format, exported as a user does: bit for bit in float32
+  from flax.traverse_util import flatten_dict
   from moe_jax.interop import huggingface
   from moe_jax.restore import load_model
-  huggingface.save(base.model, load_model(src).variables, str(tmp_path / "hf"))
+  out = subprocess.run([sys.executable, "-m", "moe_jax.export", f"--checkpoint={src}", f"--out={tmp_path / 'hf'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0 and "byte tokenizer" in out.stderr, out.stderr[-2000:]
+  want = flatten_dict(load_model(src).variables)
+  got = flatten_dict(huggingface.load(str(tmp_path / "hf"), scan_layers=base.model.scan_layers)[1])
+  assert want.keys() == got.keys() and all(np.array_equal(want[k], got[k]) for k in want)
   hf = _config(tmp_path, num_steps=1)
   hf.init_from = "hf:" + str(tmp_path / "hf")
   hf.data.batch_size, hf.data.seq_len, hf.checkpoint.every = 4, 32, 0

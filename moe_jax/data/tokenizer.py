@@ -54,7 +54,7 @@ class BPETokenizer:
     bos = tokenizer.token_to_id(bos_token)
     if bos is None:
       raise ValueError(f"tokenizer has no {bos_token} token; train one with moe_jax.data.tokenizer.train_bpe")
-    self.bos_id = bos
+    self.bos_id, self.bos_token = bos, bos_token
     self._special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     self._byte_strings: list[bytes] | None = None
 
@@ -114,6 +114,20 @@ def load_published(directory: str) -> BPETokenizer | None:
   if not bos:
     raise ValueError(f"{config_path} names no bos_token; the model's documents start with one")
   return BPETokenizer(HFTokenizer.from_file(path), bos)
+
+
+def save_published(tokenizer: "BPETokenizer", directory: str) -> list[str]:
+  """Writes `tokenizer` as a published checkpoint carries it (tokenizer.json, and tokenizer_config.json naming
+  its <bos>), so `load_published(directory)` returns the same ids. Returns the files written."""
+  import json  # noqa: PLC0415
+
+  tok_path, cfg_path = os.path.join(directory, "tokenizer.json"), os.path.join(directory, "tokenizer_config.json")
+  tokenizer.save(tok_path)
+  with open(cfg_path + ".tmp", "w") as f:
+    json.dump({"bos_token": tokenizer.bos_token, "tokenizer_class": "PreTrainedTokenizerFast",
+               "add_bos_token": False}, f, indent=1)
+  os.replace(cfg_path + ".tmp", cfg_path)
+  return [tok_path, cfg_path]
 
 
 def _byte_level_inverse() -> dict[str, int]:
