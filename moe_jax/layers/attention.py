@@ -182,7 +182,7 @@ class MLA(nn.Module):
             proj.q_BThd, proj.w_BTh, index_keys, inputs.cached_B11S, inputs.segment_ids_BT, topk=c.index_topk,
             scale=softmax_scale(c), block=c.attention_block_size, with_kl=training)
       else:  # the mask form: dense scores, with the indexer's selection as a mask in the sparse stage
-        if dsa:  # dense warm-up: the scores only, for the KL over every visible key
+        if dsa:  # the scores (the warm-up's KL reads them over every visible key); a top-k only when sparse
           index_scores_BTS = visible_scores(proj, index_keys, [m for _, m in blocks])
           if sparse:
             selected = select_top_k(index_scores_BTS, [m for _, m in blocks], c.index_topk)

@@ -18,7 +18,8 @@ index dots. Decoding (T = 1) over a cache of S slots reads k latents, so the mai
 attention's cost grows with k, not S; the indexer still scores all S keys, at H^I x D^I multiply-adds per key
 (V3.2: 64 x 128 = 8,192, against the main attention's 128 heads x 1,152 = 147,456).
 
-Same result as the mask form up to rounding (ties in the top-k aside); tests/test_dsa.py compares both.
+Same result as the mask form up to rounding (ties in the top-k aside); tests/test_dsa.py compares both. This form
+is always the absorbed one (config.decode_attention="naive" applies to the mask form only).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def attend_selected(q_nope_BTHN, q_rope_BTHR, w_uk_CHN, w_uv_CHA, ckv_blocks, kp
   n = -(-T // Tq)
   pad = n * Tq - T
   per_query = (q_nope_BTHN, q_rope_BTHR, iq_BThd, iw_BTh, segment_ids_BT, jnp.arange(T, dtype=jnp.int32))
-  # padded queries (segment 0 at index T..) see only themselves' document and are cut off at the end
+  # padding queries (segment 0, index T) up to a whole number of blocks: computed, then cut off
   per_query = [jnp.pad(a, [(0, 0) if ax != 1 else (0, pad) for ax in range(a.ndim)]) if a.ndim > 1 else
                jnp.pad(a, (0, pad), constant_values=T) for a in per_query]
   chunks = [a.reshape((a.shape[0], n, Tq) + a.shape[2:]).swapaxes(0, 1) if a.ndim > 1 else a.reshape(n, Tq)

@@ -8,7 +8,8 @@ parameters the source lacks stay freshly initialised: a V3 run continues as V3.2
 naming it with `config.model.index_n_heads` set, as V3.2 started from V3.1 (V3.2 report sec. 2.1.1). Any other
 difference in the weights' shapes or names is an error naming the array.
 
-A BPE run that names no tokenizer uses the source workdir's tokenizer.json (token ids must mean what the weights
+Every process reads the whole source (onto its first device) and fills its own shards from it, so a multi-host
+run works while the model fits one host's memory. A BPE run that names no tokenizer uses the source workdir's tokenizer.json (token ids must mean what the weights
 learned); it is copied into the new workdir before the data pipeline starts.
 """
 
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moe_jax.interop import huggingface
 from moe_jax.model.variables import merge_variables
@@ -60,6 +62,15 @@ def copy_source_tokenizer(config: Any, workdir: str, log: Callable[[str], None])
   log(f"tokenizer: {src} (the run the weights come from)")
 
 
+def _place(tree: Any, shardings: Any) -> Any:
+  """Host copies of `tree`'s arrays laid out by `shardings`; each process fills its own devices' shards from its
+  copy (every process has read the whole source), so this also works on a multi-host mesh."""
+  def one(a, sharding):
+    host = np.asarray(jax.device_get(a))
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree.map(one, tree, shardings)
+
+
 def _differing_fields(source_cfg: Any, target_cfg: Any) -> list[str]:
   a, b = source_cfg.to_dict(), target_cfg.to_dict()
   return sorted(k for k in set(a) | set(b) if k not in _RUNTIME_FIELDS and a.get(k) != b.get(k))
@@ -78,8 +89,8 @@ def initial_state(spec: str, model_config: Any, state: Any, shardings: Any, tx: 
     source_cfg, source_vars, description = w.model_config, w.variables, w.description
   fresh = {"params": state.params} | ({"router": state.router_bias} if state.router_bias else {})
   variables, left_fresh = merge_variables(source_vars, fresh, f"init_from={spec!r}")
-  params = jax.device_put(variables["params"], shardings.params)
-  router = jax.device_put(variables.get("router", {}), shardings.router_bias)
+  params = _place(variables["params"], shardings.params)
+  router = _place(variables.get("router", {}), shardings.router_bias)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   differ = _differing_fields(source_cfg, model_config)
   log(f"initialised from {description}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters"
