@@ -21,19 +21,25 @@ def _jsonable(v: Any) -> Any:
   return v
 
 
-def truncate_jsonl(path: str, last_step: int) -> None:
-  """Keeps the lines whose "step" is <= last_step (atomically)."""
+def _parsed_lines(path: str):
+  """(line, parsed object) for every parseable line of a JSON-lines file (a line cut by a kill mid-write is
+  skipped); nothing if the file does not exist."""
   if not os.path.exists(path):
     return
   with open(path) as f:
-    lines = [ln for ln in f if ln.strip()]
-  kept = []
-  for ln in lines:
-    try:
-      if json.loads(ln)["step"] <= last_step:
-        kept.append(ln)
-    except (json.JSONDecodeError, KeyError):
-      pass  # a line cut by a kill mid-write
+    for ln in f:
+      try:
+        yield ln, json.loads(ln)
+      except json.JSONDecodeError:
+        pass
+
+
+def truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps the lines whose "step" is <= last_step, byte for byte (atomically)."""
+  if not os.path.exists(path):
+    return
+  kept = [ln for ln, row in _parsed_lines(path)
+          if isinstance(row, dict) and row.get("step", last_step + 1) <= last_step]
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.writelines(kept)
@@ -42,16 +48,7 @@ def truncate_jsonl(path: str, last_step: int) -> None:
 
 def read_jsonl(path: str) -> list[dict]:
   """Every parseable line of a metrics.jsonl (a line cut by a kill mid-write is skipped); [] if there is none."""
-  if not os.path.exists(path):
-    return []
-  rows = []
-  with open(path) as f:
-    for ln in f:
-      try:
-        rows.append(json.loads(ln))
-      except json.JSONDecodeError:
-        pass
-  return rows
+  return [row for _, row in _parsed_lines(path)]
 
 
 def training_summary(rows: list[dict]) -> dict:
