@@ -266,3 +266,58 @@ def test_bpe_trained_in_workdir_is_reused(tmp_path):
   mtime = os.path.getmtime(work / "tokenizer.json")
   tok2 = load_or_train_tokenizer(d, str(work), log=lambda _: None)
   assert os.path.getmtime(work / "tokenizer.json") == mtime and tok2.vocab_size == tok.vocab_size
+
+
+def test_sft_conversations_pack_with_a_response_only_loss_mask(tmp_path):
+  """Two formats, bad records counted and skipped, and the packed rows' loss_mask against a hand rendering: only
+  the assistant's bytes and the <bos> that ends each reply are targets, several conversations in one row."""
+  from moe_jax.data.packing import tokenize_fn
+  from moe_jax.data.sources import SftJsonlSource
+  from moe_jax.training.loss import shifted_targets
+  records = [{"prompt": "2+2?", "response": "4"},
+             {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
+                           {"role": "assistant", "content": "Ciao"}]},
+             "not json", {"text": "no conversation"}, {"messages": [{"role": "user", "content": "alone"}]},
+             {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}]
+  path = tmp_path / "sft.jsonl"
+  path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+  source = SftJsonlSource([str(path)])
+  tok = ByteTokenizer()
+  fn = tokenize_fn(tok)
+  items = [fn(source[i]) for i in range(len(source))]
+  pending = list(items)
+  packer = Packer(128, lambda: pending.pop(0) if pending else None)
+  row = packer.next_row()
+  assert packer.next_row() is None
+
+  def rendered(parts):  # (text, trained) -> ids and mask as the chat format defines them, by hand
+    ids, mask = [tok.bos_id], [0]
+    for text, trained in parts:
+      ids += list(text.encode()) + ([tok.bos_id] if trained else [])
+      mask += [int(trained)] * (len(text.encode()) + int(trained))
+    return ids, mask
+
+  a = rendered([("User: 2+2?\n\nAssistant: ", False), ("4", True)])
+  b = rendered([("System: Be brief.\n\nUser: Hi\n\nAssistant: ", False), ("Hello", True),
+                ("\n\nUser: Bye\n\nAssistant: ", False), ("Ciao", True)])
+  n = len(a[0]) + len(b[0])
+  assert list(row["tokens"][:n]) == a[0] + b[0] and list(row["loss_mask"][:n]) == a[1] + b[1]
+  assert list(row["segment_ids"][:n]) == [1] * len(a[0]) + [2] * len(b[0]) and not row["loss_mask"][n:].any()
+  assert {k: v for k, v in packer.counters.items() if k.startswith("skipped")} == {
+      "skipped_bad_json": 1, "skipped_missing_field": 1, "skipped_no_response": 1, "skipped_bad_message": 1}
+  assert items[0]["nbytes"] == 1 and items[1]["nbytes"] == len("Hello") + len("Ciao")  # what bits/byte counts
+  # the targets: token i+1 of the same conversation, flagged
+  _, mask = shifted_targets(row["tokens"][None], row["segment_ids"][None], 1, row["loss_mask"][None])
+  targets = [int(row["tokens"][i + 1]) for i in np.flatnonzero(np.asarray(mask[0]))]
+  assert bytes(t for t in targets if t < 256) == b"4HelloCiao" and targets.count(tok.bos_id) == 3
+
+
+def test_sft_data_with_no_usable_conversation_stops_with_the_counters(tmp_path):
+  from moe_jax.data.packing import NoUsableDocuments
+  (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in [
+      {"prompt": "only a prompt"}, {"messages": []}, {"messages": [{"role": "user", "content": "no reply"}]}] * 4))
+  cfg = _data_cfg(source="sft_jsonl", paths=(str(tmp_path / "bad.jsonl"),), tokenizer="byte",
+                  validation_fraction=0.3)
+  with pytest.raises(NoUsableDocuments, match="skipped_missing_field.*skipped_no_response|skipped_no_response"):
+    next(train_rows(cfg, ByteTokenizer(), 0))

@@ -342,3 +342,24 @@ def test_init_from_a_workdir_continues_as_dsa_with_the_model_frozen(tmp_path, mo
   with pytest.raises(ValueError, match="w_uv: shape"):
     train_and_evaluate(other, str(tmp_path / "bad2"), log=lambda _: None)
   assert not os.path.exists(tmp_path / "bad2" / "config.json")  # nothing of a run was written
+
+
+def test_fine_tuning_on_conversations_trains_on_the_replies_only(tmp_path):
+  """config.data.source=sft_jsonl end to end: the run trains and evaluates, and the held-out bits per byte count
+  exactly the assistant replies' bytes (the trainer checks its byte accounting against the documents')."""
+  rng = np.random.default_rng(0)
+  words = ["def", "return", "value", "list", "print", "(x)", "+", "1", "loop", "class"]
+  lines = []
+  for i in range(60):
+    q, r = " ".join(rng.choice(words, 8)), " ".join(rng.choice(words, 12))
+    lines.append(json.dumps({"prompt": f"q{i}: {q}", "response": r}) if i % 2 else
+                 json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]}))
+  (tmp_path / "chat.jsonl").write_text("\n".join(lines) + "\n")
+  c = _config(tmp_path, num_steps=3)
+  c.data.source, c.data.paths, c.data.validation_fraction = "sft_jsonl", (str(tmp_path / "chat.jsonl"),), 0.2
+  c.data.batch_size, c.data.seq_len, c.checkpoint.every = 4, 64, 0
+  result = train_and_evaluate(c, str(tmp_path / "sft"), log=lambda _: None)
+  from moe_jax.data import build_source
+  val = build_source(c.data, "validation")
+  replies = sum(len(t) for i in range(len(val)) for t, trained in val[i]["parts"] if trained)
+  assert result["eval_bytes"] == replies and 0 < result["bits_per_byte"] < 9

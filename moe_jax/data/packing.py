@@ -43,6 +43,7 @@ class Packer:
     self.seq_len, self.fetch, self.pass_length = seq_len, fetch, pass_length
     self._skipped_in_a_row = 0
     self.doc: np.ndarray | None = None  # [<bos>, tokens...] of the current document
+    self.mask: np.ndarray | None = None  # which of them are training targets (None: all)
     self.offset = 0  # first token of the current document not yet placed (with the 1-token overlap)
     self.counters: collections.Counter = collections.Counter()
 
@@ -61,13 +62,16 @@ class Packer:
                                   f"{skips}); check config.data.source, paths and text_field")
         continue
       self._skipped_in_a_row = 0
-      self.doc, self.offset = item["ids"], 0
+      self.doc, self.mask, self.offset = item["ids"], item.get("mask"), 0
       return True
 
   def next_row(self) -> dict | None:
-    """{"tokens", "segment_ids", "positions"} int32 [T], or None when the documents are exhausted."""
+    """{"tokens", "segment_ids", "positions", "loss_mask"} int32 [T], or None when the documents are exhausted.
+    loss_mask[i] = 1 when token i may be a target (every token of a plain document; a conversation's trained
+    tokens); whether it is one is decided by its segment (moe_jax.training.loss)."""
     T = self.seq_len
     tokens, segs, pos = np.zeros(T, np.int32), np.zeros(T, np.int32), np.zeros(T, np.int32)
+    loss_mask = np.zeros(T, np.int32)
     fill, seg = 0, 0
     while fill < T:
       if self.doc is None and not self._next_doc():
@@ -86,6 +90,7 @@ class Packer:
         break
       seg += 1
       tokens[fill:fill + n], segs[fill:fill + n], pos[fill:fill + n] = rest[:n], seg, np.arange(n)
+      loss_mask[fill:fill + n] = 1 if self.mask is None else self.mask[self.offset:self.offset + n]
       fill += n
       if done:
         self.doc = None
@@ -95,7 +100,7 @@ class Packer:
       return None
     self.counters["rows"] += 1
     self.counters["padding_tokens"] += T - fill
-    return {"tokens": tokens, "segment_ids": segs, "positions": pos}
+    return {"tokens": tokens, "segment_ids": segs, "positions": pos, "loss_mask": loss_mask}
 
 
 class _PackIterator(grain.DatasetIterator):
@@ -128,11 +133,11 @@ class _PackIterator(grain.DatasetIterator):
     p = self._packer
     self._parent.set_state(state["parent"])
     self._doc_state = state["parent"]
-    p.doc, p.offset = None, 0
+    p.doc, p.mask, p.offset = None, None, 0
     p.counters = collections.Counter(state["counters"])
     if state["has_doc"]:
       item = next(self._parent)
-      p.doc, p.offset = item["ids"], state["offset"]
+      p.doc, p.mask, p.offset = item["ids"], item.get("mask"), state["offset"]
 
 
 class PackIterDataset(grain.IterDataset):
@@ -170,11 +175,22 @@ def _encode(tokenizer: Any, text: bytes, max_bytes: int) -> np.ndarray:
 
 def tokenize_fn(tokenizer: Any, max_bytes: int = 1 << 20) -> Callable[[dict], dict]:
   """Maps a source document to {"ids": [<bos>, ...], "skip", "nbytes"}; pre-tokenised documents pass through.
-  Texts longer than `max_bytes` are encoded piece by piece (`_encode`)."""
+  Texts longer than `max_bytes` are encoded piece by piece (`_encode`). A conversation (a document with `parts`)
+  also gets "mask": which ids are training targets, and "nbytes" counts the trained parts' bytes only."""
 
   def fn(doc: dict) -> dict:
     if doc["skip"] is not None:
       return {"ids": None, "skip": doc["skip"], "nbytes": 0}
+    if doc.get("parts") is not None:  # a conversation: only the trained parts (and their end <bos>) are targets
+      ids, mask = [np.asarray([tokenizer.bos_id], np.int32)], [np.zeros(1, bool)]
+      for text, trained in doc["parts"]:
+        part = _encode(tokenizer, text, max_bytes).astype(np.int32)
+        if trained:
+          part = np.concatenate([part, [tokenizer.bos_id]]).astype(np.int32)
+        ids.append(part)
+        mask.append(np.full(len(part), trained))
+      nbytes = sum(len(text) for text, trained in doc["parts"] if trained)
+      return {"ids": np.concatenate(ids), "mask": np.concatenate(mask), "skip": None, "nbytes": nbytes}
     if doc["tokens"] is not None:
       ids, nbytes = doc["tokens"], None
       if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:

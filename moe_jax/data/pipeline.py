@@ -5,7 +5,7 @@ Rows are shuffled again after packing because a long document fills many consecu
 batch would hold a handful of documents and its gradient would be needlessly noisy.
 
   it = train_rows(config.data, tokenizer, seed, process_index, process_count)   # endless, checkpointable
-  row = next(it)            # {"tokens", "segment_ids", "positions"}: int32 [seq_len]
+  row = next(it)            # {"tokens", "segment_ids", "positions", "loss_mask"}: int32 [seq_len]
   state = it.get_state()    # JSON-serialisable; it.set_state(state) continues at exactly the next row
 
 Batching is done by the trainer (`BatchLoader`) so the number of live rows can follow the batch-size schedule
@@ -127,7 +127,7 @@ def validation_texts(data_cfg: Any) -> list[bytes]:
   return [d["text"] for d in (source[i] for i in range(len(source))) if d["text"] is not None]
 
 
-ROW_KEYS = ("tokens", "segment_ids", "positions")
+ROW_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 
 
 def stack_rows(rows: list[dict], batch_size: int, seq_len: int) -> dict:

@@ -13,6 +13,9 @@ Kinds (config.data.source):
                follows the piece, not the file. A corpus of one file is cut into ~100 pieces (>= 4 KiB), so that
                some can be held out
   jsonl        JSON lines; the document is the string at config.data.text_field
+  sft_jsonl    JSON lines of conversations for fine-tuning, {"prompt", "response"} or {"messages": [{"role",
+               "content"}, ...]}, rendered in a plain chat format (`render_conversation`); the loss covers only
+               the assistant's tokens (the documents carry `parts`, the packed rows a `loss_mask`)
   parquet      Parquet files; the document is the string column config.data.text_field (needs pyarrow)
   array_record ArrayRecord files of pre-tokenised documents, one record = little-endian int32 token ids
 
@@ -32,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-SOURCES = ("embedded", "text", "jsonl", "parquet", "array_record")
+SOURCES = ("embedded", "text", "jsonl", "sft_jsonl", "parquet", "array_record")
 SPLITS = ("train", "validation")
 _EXCLUDED_DIRS = ("test", "tests", "site-packages")
 
@@ -153,12 +156,66 @@ class JsonlSource:
       record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
       return {"key": key, "text": None, "tokens": None, "skip": "bad_json"}
+    return self._document(key, record)
+
+  def _document(self, key: str, record: Any) -> dict:
     value = record.get(self.text_field) if isinstance(record, dict) else None
     if value is None:
       return {"key": key, "text": None, "tokens": None, "skip": "missing_field"}
     if not isinstance(value, str):
       return {"key": key, "text": None, "tokens": None, "skip": "not_a_string"}
     return _text_doc(key, value.encode("utf-8"))
+
+
+ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def render_conversation(record: Any) -> list[tuple[bytes, bool]] | str:
+  """The SFT chat format: [(text, trained)] parts, or the skip reason.
+
+    {"prompt": P, "response": R}        ->  "User: P\n\nAssistant: " (context)  R (trained)
+    {"messages": [{"role", "content"}]}  ->  "System: ...\n\n", "User: ...\n\nAssistant: " (context), each
+                                            assistant content (trained), "\n\n" between turns (context)
+  Every trained part is followed by <bos> as its end-of-turn token (also trained: the model learns to stop, and
+  generation stops on it); roles are system | user | assistant, and the last message must be the assistant's."""
+  if not isinstance(record, dict):
+    return "missing_field"
+  if "messages" in record:
+    msgs = record["messages"]
+    if not isinstance(msgs, list) or not msgs:
+      return "missing_field"
+  elif "prompt" in record and "response" in record:
+    msgs = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+  else:
+    return "missing_field"
+  parts, context = [], ""
+  for m in msgs:
+    if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+      return "bad_message"
+    if m["role"] == "assistant":
+      if not m["content"]:
+        return "empty"
+      parts += [((context + "Assistant: ").encode("utf-8"), False), (m["content"].encode("utf-8"), True)]
+      context = "\n\n"
+    else:
+      context += f"{ROLES[m['role']]}: {m['content']}\n\n"
+  if not parts or msgs[-1]["role"] != "assistant":
+    return "no_response"
+  return parts
+
+
+class SftJsonlSource(JsonlSource):
+  """Conversations for supervised fine-tuning, one per JSON line (`render_conversation`): each document carries
+  its `parts`, and only the assistant's parts are training targets."""
+
+  def __init__(self, files: Sequence[str]):
+    super().__init__(files, text_field="")
+
+  def _document(self, key: str, record: Any) -> dict:
+    parts = render_conversation(record)
+    if isinstance(parts, str):
+      return {"key": key, "text": None, "tokens": None, "skip": parts}
+    return {"key": key, "text": b"".join(t for t, _ in parts), "tokens": None, "skip": None, "parts": parts}
 
 
 class ParquetSource:
@@ -275,6 +332,9 @@ def build_source(data_cfg: Any, split: str) -> Subset:
     keys = source.keys()
   elif kind == "jsonl":
     source = JsonlSource(_expand_globs(data_cfg.paths, kind), data_cfg.text_field)
+    keys = source.keys()
+  elif kind == "sft_jsonl":
+    source = SftJsonlSource(_expand_globs(data_cfg.paths, kind))
     keys = source.keys()
   elif kind == "parquet":
     source = ParquetSource(_expand_globs(data_cfg.paths, kind), data_cfg.text_field)

@@ -31,7 +31,8 @@ from moe_jax.training.schedules import SCHEDULE_UNITS
 
 def base_data_config() -> ml_collections.ConfigDict:
   d = ml_collections.ConfigDict()
-  d.source = "embedded"  # embedded (Python stdlib) | text | jsonl | parquet | array_record (moe_jax.data.sources)
+  d.source = "embedded"  # embedded (Python stdlib) | text | jsonl | sft_jsonl (conversations, loss on the replies)
+  #                        | parquet | array_record (moe_jax.data.sources)
   d.paths = ()  # files or globs for text/jsonl/parquet/array_record
   d.text_field = "text"  # the JSON field / Parquet column holding each document
   d.max_document_bytes = 1 << 20  # longer texts are cut into pieces of about this size (at line ends) before

@@ -101,7 +101,8 @@ def make_eval_step(model: nn.Module, mesh: Mesh, rules, state_shardings):
   def step(params, bias, batch, token_bytes_V):
     logits, aux = model.apply({"params": params, "router": bias}, batch["tokens"],
                               batch["segment_ids"], batch["positions"], mtp=False)
-    _, nll_sum, count, targets_BT, mask_BT = masked_mean_nll(logits, batch["tokens"], batch["segment_ids"], 1)
+    _, nll_sum, count, targets_BT, mask_BT = masked_mean_nll(logits, batch["tokens"], batch["segment_ids"], 1,
+                                                             batch.get("loss_mask"))
     nbytes = jnp.sum(jnp.where(mask_BT, token_bytes_V[targets_BT], 0))
     return {"nll_sum": nll_sum, "targets": count, "bytes": nbytes.astype(jnp.float32),
             "expert_load": aux["expert_load"]}
