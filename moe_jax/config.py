@@ -62,7 +62,8 @@ def base_model_config() -> ml_collections.ConfigDict:
   c.moe_intermediate_size = 2048  # SwiGLU width of each routed (and each shared) expert
   c.num_hidden_layers = 61  # transformer blocks in the main model (MTP modules not counted)
   c.num_attention_heads = 128  # attention heads n_h
-  c.num_key_value_heads = placeholder(int)  # gqa only: key/value heads, each shared by num_attention_heads / this query heads
+  c.num_key_value_heads = placeholder(int)  # gqa only: key/value heads, each shared by num_attention_heads / this
+  #                                           query heads
   c.q_lora_rank = 1536  # query compression rank d_c'; None = plain query projection (V2-Lite)
   c.kv_lora_rank = 512  # joint key-value latent rank d_c (the cached c_KV)
   c.qk_nope_head_dim = 128  # per-head query/key dims without RoPE, d_h
@@ -82,8 +83,8 @@ def base_model_config() -> ml_collections.ConfigDict:
   c.aux_loss_alpha = 0.0001  # weight alpha of the complementary balance loss (V3 eq. 17-20)
   c.seq_aux = True  # balance loss per sequence (V3) rather than per batch
   c.num_nextn_predict_layers = 1  # MTP depth J (0 = no MTP modules)
-  c.index_n_heads = placeholder(int)  # DeepSeek Sparse Attention (V3.2): lightning-indexer heads H^I (V3.2: 64); None = dense
-  #                         MLA (V3). The indexer reads c_Q, so it needs q_lora_rank
+  c.index_n_heads = placeholder(int)  # DeepSeek Sparse Attention (V3.2): lightning-indexer heads H^I (V3.2: 64);
+  #                                     None = dense MLA (V3). The indexer reads c_Q, so it needs q_lora_rank
   c.index_head_dim = 128  # indexer query/key dims D^I (RoPE on the first qk_rope_head_dim, half-split layout)
   c.index_topk = 2048  # with the indexer: each query attends to its top-k scored visible tokens (V3.2: 2048)
   c.index_stage = "sparse"  # sparse: MLA attends to the indexer's top-k (V3.2 sparse training and inference; the

@@ -19,6 +19,7 @@ from absl import app, flags, logging
 from moe_jax.cli import fail, load_model_or_exit
 from moe_jax.data.tokenizer import BPETokenizer, save_published
 from moe_jax.interop import huggingface
+from moe_jax.restore import HF_PREFIX
 
 DTYPES = ("float32", "bfloat16")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (its newest checkpoint, or --step).")
@@ -32,12 +33,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs its restore at INFO
-  if _CHECKPOINT.value.startswith("hf:"):
+  if _CHECKPOINT.value.startswith(HF_PREFIX):
     fail("--checkpoint is already in the published format; give a training workdir")
   model = load_model_or_exit(_CHECKPOINT.value, _STEP.value)
   try:
-    files = huggingface.save(model.config, model.variables, _OUT.value,
-                             dtype=None if _DTYPE.value is None else jnp.dtype(_DTYPE.value), overwrite=_OVERWRITE.value)
+    dtype = None if _DTYPE.value is None else jnp.dtype(_DTYPE.value)
+    files = huggingface.save(model.config, model.variables, _OUT.value, dtype=dtype, overwrite=_OVERWRITE.value)
   except (FileExistsError, ValueError) as e:
     fail(e)
   if isinstance(model.tokenizer, BPETokenizer):

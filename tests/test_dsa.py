@@ -238,7 +238,8 @@ def test_gathered_sparse_attention_matches_numpy_and_the_mask_form():
   rng = np.random.default_rng(7)
   B, S, T, H, C, R, h, d, k = 2, 5, 11, 3, 6, 4, 2, 8, 4
   f = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
-  q_lat, q_rope, ckv_c, kpe_c, ckv_n, kpe_n = f(B, T, H, C), f(B, T, H, R), f(B, S, C), f(B, S, R), f(B, T, C), f(B, T, R)
+  q_lat, q_rope = f(B, T, H, C), f(B, T, H, R)
+  ckv_c, kpe_c, ckv_n, kpe_n = f(B, S, C), f(B, S, R), f(B, T, C), f(B, T, R)
   proj = IndexerProjections(f(B, T, h, d), f(B, T, h), f(B, T, d))
   ik_c = f(B, S, d)
   seg = jnp.asarray([[1] * 4 + [2] * 7, [1] * 11])

@@ -124,8 +124,8 @@ def save_published(tokenizer: "BPETokenizer", directory: str) -> list[str]:
   tok_path, cfg_path = os.path.join(directory, "tokenizer.json"), os.path.join(directory, "tokenizer_config.json")
   tokenizer.save(tok_path)
   with open(cfg_path + ".tmp", "w") as f:
-    json.dump({"bos_token": tokenizer.bos_token, "tokenizer_class": "PreTrainedTokenizerFast",
-               "add_bos_token": False}, f, indent=1)
+    json.dump({"bos_token": tokenizer.bos_token, "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False},
+              f, indent=1)
   os.replace(cfg_path + ".tmp", cfg_path)
   return [tok_path, cfg_path]
 

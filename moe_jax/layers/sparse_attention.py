@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moe_jax.layers.indexer import index_scores
+from moe_jax.layers.indexer import index_kl_per_query, index_scores
 
 
 def _gather(blocks_BSX, idx_BTK):
@@ -96,11 +96,7 @@ def attend_selected(q_nope_BTHN, q_rope_BTHR, w_uk_CHN, w_uv_CHA, ckv_blocks, kp
     o_BtHA = jnp.einsum("bthc,cha->btha", o_BtHC.astype(dtype), w_uv_CHA, preferred_element_type=f32).astype(dtype)
     if not with_kl:
       return carry, (o_BtHA, jnp.zeros(idx_BtK.shape[:2], f32))
-    p_BtK = jax.lax.stop_gradient(jnp.mean(probs_BtHK, axis=2))
-    logq_BtK = jax.nn.log_softmax(jnp.where(valid_BtK, vals_BtK, neg), axis=-1)  # finite: no NaN in any gradient
-    logp_BtK = jnp.log(jnp.where(p_BtK > 0, p_BtK, 1.0))
-    kl_Bt = jnp.sum(jnp.where(valid_BtK & (p_BtK > 0), p_BtK * (logp_BtK - logq_BtK), 0.0), axis=-1)
-    return carry, (o_BtHA, kl_Bt)
+    return carry, (o_BtHA, index_kl_per_query(probs_BtHK.swapaxes(1, 2), vals_BtK, valid_BtK))
 
   _, (o_nBtHA, kl_nBt) = jax.lax.scan(one_block, None, chunks)
   o_BTHA = o_nBtHA.swapaxes(0, 1).reshape(B, n * Tq, H, A)[:, :T]

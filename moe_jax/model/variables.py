@@ -55,7 +55,8 @@ def merge_variables(loaded: dict, fresh: dict, source: str = "the loaded variabl
           raise ValueError(f"{name}: shape {tuple(have[path].shape)} in {source}, {tuple(leaf.shape)} in this config")
         merged[path] = jnp.asarray(have[path], leaf.dtype)
       elif "indexer" in path:
-        merged[path], _ = leaf, left_fresh.append(name)
+        merged[path] = leaf
+        left_fresh.append(name)
       else:
         raise ValueError(f"{name} is not in {source} and is not a DSA indexer parameter: the model configs differ "
                          "in more than index_n_heads")

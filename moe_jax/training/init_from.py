@@ -9,8 +9,9 @@ naming it with `config.model.index_n_heads` set, as V3.2 started from V3.1 (V3.2
 difference in the weights' shapes or names is an error naming the array.
 
 Every process reads the whole source (onto its first device) and fills its own shards from it, so a multi-host
-run works while the model fits one host's memory. A BPE run that names no tokenizer uses the source workdir's tokenizer.json (token ids must mean what the weights
-learned); it is copied into the new workdir before the data pipeline starts.
+run works while the model fits one host's memory. A BPE run that names no tokenizer uses the source workdir's
+tokenizer.json (token ids must mean what the weights learned); it is copied into the new workdir before the data
+pipeline starts.
 """
 
 from __future__ import annotations
