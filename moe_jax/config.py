@@ -123,13 +123,22 @@ def base_model_config() -> ml_collections.ConfigDict:
   #                           full [B,H,T,T] scores; the reference) | blockwise (flash-style, O(T) memory) |
   #                           cudnn (NVIDIA GPUs) | splash (TPUs); see moe_jax.kernels.attention
   c.attention_block_size = 512  # blockwise: query and key tile length (a call of T <= this is one tile)
+  # --- LoRA adapters (set by config.finetune when method=lora; moe_jax.layers.lora) ----------------------
+  c.lora_rank = 0  # rank r of every adapter; 0 = no adapters
+  c.lora_alpha = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank (Hu et al. 2021)
+  c.lora_targets = ("attention", "experts")  # which matrices get adapters: attention (every MLA / MHA projection)
+  #                                            | experts (routed experts) | shared_experts | mlp (dense layers)
   return c
+
+
+LORA_TARGETS = ("attention", "experts", "shared_experts", "mlp")
 
 
 # Fields added after workdirs were first written, with the value that reproduces how those runs were built.
 _LEGACY_DEFAULTS = {"pad_vocab_to_multiple_of": 1, "decode_attention": "absorbed", "attention_impl": "xla",
                     "attention_block_size": 512, "attention_type": "mla", "num_key_value_heads": None,
-                    "index_n_heads": None, "index_head_dim": 128, "index_topk": 2048, "index_stage": "sparse"}
+                    "index_n_heads": None, "index_head_dim": 128, "index_topk": 2048, "index_stage": "sparse",
+                    "lora_rank": 0, "lora_alpha": 16.0, "lora_targets": ("attention", "experts")}
 
 
 def complete_model_config(c: Any) -> ml_collections.ConfigDict:
@@ -234,6 +243,10 @@ def validate_model_config(c: Any) -> None:
     if c.topk_method == "noaux_tc":
       _require(per_group >= 2 or c.n_group == 1,
                f"noaux_tc scores a group by its top-2 experts: n_routed_experts/n_group={per_group} must be >= 2")
+  _require(isinstance(c.lora_rank, int) and c.lora_rank >= 0, f"lora_rank={c.lora_rank!r} must be an integer >= 0")
+  _require(c.lora_alpha > 0, f"lora_alpha={c.lora_alpha} must be > 0")
+  _require(set(c.lora_targets) <= set(LORA_TARGETS) and (c.lora_rank == 0 or len(c.lora_targets) > 0),
+           f"lora_targets={tuple(c.lora_targets)!r} must be a non-empty subset of {LORA_TARGETS}")
   _require(c.routed_scaling_factor > 0, f"routed_scaling_factor={c.routed_scaling_factor} must be > 0")
   _require(c.aux_loss_alpha >= 0, f"aux_loss_alpha={c.aux_loss_alpha} must be >= 0")
   _require(c.rms_norm_eps > 0, f"rms_norm_eps={c.rms_norm_eps} must be > 0")

@@ -58,3 +58,26 @@ def merged_params(variables):
 def max_rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def logged_losses(work):
+  """{step: loss} from a training workdir's metrics.jsonl."""
+  import json
+  import os
+  return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(work, "metrics.jsonl"))) if "loss" in r}
+
+
+def kill_9_past_step(proc, work, step, timeout=300):
+  """SIGKILL a training subprocess once its metrics.jsonl has logged `step` (a few steps past a checkpoint, mid-
+  run); asserts it was still running."""
+  import os
+  import signal
+  import time
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.exists(os.path.join(work, "metrics.jsonl")) and max(logged_losses(work), default=0) >= step:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -127,7 +127,7 @@ def test_bad_input_is_one_error_before_training(smoke, tmp_path):
 
 def test_list_prints_every_experiment_and_variant():
   out = _cli("experiments.run", "--list").stdout
-  for name in ("balancing", "bias_update", "mtp", "moe_architecture", "attention", "balance_loss_scope"):
+  for name in ("balancing", "bias_update", "mtp", "moe_architecture", "attention", "balance_loss_scope", "esft"):
     assert f"{name}:" in out
   assert "loss_free_seq_aux" in out and "model.aux_loss_alpha=0.0001" in out
 
@@ -143,6 +143,19 @@ def test_every_cpu_run_config_is_valid(name, tmp_path):
   assert sorted({r.config.seed for r in runs}) == list(range(exp.seeds))
   paper = plan(exp, str(tmp_path), "paper", 1, None, {"data.paths": ("/data/train-*.jsonl",)})  # --scale=paper
   assert len(paper) == len(exp.variant_overrides("paper")) and paper[0].config.data.seq_len == 2048
+
+
+def test_esft_experiment_runs_are_valid_fine_tuning_configs(tmp_path):
+  """The ESFT sweep: 4 methods x 3 seeds from the base workdir, forgetting measured; CPU scale only."""
+  from experiments.framework import registry
+  from experiments.framework.sweep import ExperimentError, plan
+  exp = registry.get("esft")
+  exp.check("cpu")
+  runs = plan(exp, str(tmp_path), "cpu", exp.seeds, None, {})
+  assert sorted({r.config.finetune.method for r in runs}) == ["esft_gate", "esft_token", "full", "lora"]
+  assert len(runs) == 12 and all(r.config.finetune.general_eval and r.config.init_from for r in runs)
+  with pytest.raises(ExperimentError, match="cpu only"):
+    plan(exp, str(tmp_path), "paper", 1, None, {})
 
 
 def test_moe_architecture_variants_activate_equal_width():

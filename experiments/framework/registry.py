@@ -6,7 +6,7 @@ import importlib
 
 from experiments.framework.spec import Experiment
 
-NAMES = ("balancing", "bias_update", "mtp", "moe_architecture", "attention", "balance_loss_scope")
+NAMES = ("balancing", "bias_update", "mtp", "moe_architecture", "attention", "balance_loss_scope", "esft")
 
 
 def get(name: str) -> Experiment:

@@ -26,7 +26,8 @@ from moe_jax.training.metrics import read_jsonl
 
 COLUMNS = ("experiment", "variant", "seed", "status", "step", "bits_per_byte", "eval_loss", "max_vio_global",
            "max_vio_batch", "tokens_per_sec", "acceptance_rate", "tokens_per_step", "cache_bytes_per_token",
-           "active_params", "total_params", "xz_bits_per_byte", "wall_seconds")
+           "active_params", "total_params", "xz_bits_per_byte", "wall_seconds", "general_bits_per_byte",
+           "general_bits_per_byte_before", "trainable_params", "optimizer_state_bytes")
 
 
 def experiment_name(workdir: str) -> str:
@@ -80,7 +81,8 @@ def collect(exp: Experiment, workdir: str) -> list[dict]:
       row = {c: None for c in COLUMNS} | {"experiment": exp.name, "variant": variant, "seed": seed, "status": status}
       if status == "done":
         row |= {k: ev.get(k) for k in ("step", "bits_per_byte", "eval_loss", "max_vio_global", "max_vio_batch",
-                                        "tokens_per_sec", "xz_bits_per_byte")}
+                                        "tokens_per_sec", "xz_bits_per_byte", "general_bits_per_byte",
+                                        "general_bits_per_byte_before", "trainable_params", "optimizer_state_bytes")}
         row["wall_seconds"] = ev.get("wall_seconds_this_run")
         row |= {k: extra.get(k) for k in ("acceptance_rate", "tokens_per_step", "cache_bytes_per_token",
                                            "active_params", "total_params")}

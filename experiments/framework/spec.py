@@ -24,7 +24,9 @@ METRIC_LABELS = {
     "acceptance_rate": "MTP acceptance", "tokens_per_step": "tokens per main step",
     "cache_bytes_per_token": "decode cache bytes/token", "active_params": "activated params",
     "total_params": "total params", "ce": "training CE (nats/token)", "max_vio": "MaxVio_batch",
-    "dropped_fraction": "dropped token share",
+    "dropped_fraction": "dropped token share", "general_bits_per_byte": "general held-out bits/byte (after)",
+    "general_bits_per_byte_before": "general held-out bits/byte (before)", "trainable_params": "trained params",
+    "optimizer_state_bytes": "optimiser state bytes",
 }
 
 

@@ -33,6 +33,7 @@ from moe_jax.config import padded_vocab_size
 from moe_jax.interop.hf_config import fp8_block_size, hf_config_from_model, model_config_from_hf
 from moe_jax.interop.hf_layout import checkpoint_layout, collection_of, mtp_layers_present
 from moe_jax.interop.safetensors_io import SafetensorsCheckpoint, dequantize_fp8_blockwise, write_file
+from moe_jax.model.lora import merge_lora, without_lora
 from moe_jax.model.params import variable_shapes
 from moe_jax.model.variables import as_variables, flat_variables
 
@@ -47,6 +48,33 @@ def _name_list(names, limit: int = 12) -> str:
   return ", ".join(names[:limit]) + more
 
 
+def load_config(path: str) -> Any:
+  """The model config of a checkpoint directory, as `load` builds the model (MTP off when config.json announces
+  MTP layers the checkpoint does not hold); reads config.json and the safetensors headers only."""
+  return _config_and_tensors(path)[0]
+
+
+def _config_and_tensors(path: str):
+  """(model config, the opened checkpoint, config.json as parsed)."""
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"no config.json in {path!r}")
+  with open(config_path) as f:
+    hf = json.load(f)
+  cfg = model_config_from_hf(hf)
+  ckpt = SafetensorsCheckpoint(path)
+  _check_sizes_against_tensors(path, cfg, ckpt)  # before anything is allocated from config.json's sizes
+  n_mtp = mtp_layers_present(set(ckpt.keys()), cfg)
+  if cfg.num_nextn_predict_layers and n_mtp == 0:
+    warnings.warn(f"{path}: config.json announces num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the "
+                  "checkpoint holds no MTP layer; loading the main model with MTP off", stacklevel=3)
+    cfg.num_nextn_predict_layers = 0
+  elif n_mtp != cfg.num_nextn_predict_layers:
+    raise ValueError(f"{path}: checkpoint holds {n_mtp} layers past num_hidden_layers={cfg.num_hidden_layers}, "
+                     f"config.json says num_nextn_predict_layers={cfg.num_nextn_predict_layers}")
+  return cfg, ckpt, hf
+
+
 def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> tuple[Any, dict]:
   """(model_config, variables {"params": ..., "router": ...}) of a DeepseekV2/V3ForCausalLM checkpoint directory.
 
@@ -55,27 +83,10 @@ def load(path: str, dtype: Any = jnp.float32, *, scan_layers: bool = False) -> t
   builds nor saves them), the model is loaded with MTP off and a warning; any other missing or unexpected
   tensor raises ValueError naming them.
   """
-  config_path = os.path.join(path, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"no config.json in {path!r}")
-  with open(config_path) as f:
-    hf = json.load(f)
-  cfg = model_config_from_hf(hf)
+  cfg, ckpt, hf = _config_and_tensors(path)
   cfg.scan_layers = scan_layers
   cfg.dtype = cfg.param_dtype = jnp.dtype(dtype).name
-  ckpt = SafetensorsCheckpoint(path)
   keys = set(ckpt.keys())
-  _check_sizes_against_tensors(path, cfg, ckpt)  # before anything is allocated from config.json's sizes
-
-  n_mtp = mtp_layers_present(keys, cfg)
-  if cfg.num_nextn_predict_layers and n_mtp == 0:
-    warnings.warn(f"{path}: config.json announces num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the "
-                  "checkpoint holds no MTP layer; loading the main model with MTP off", stacklevel=2)
-    cfg.num_nextn_predict_layers = 0
-  elif n_mtp != cfg.num_nextn_predict_layers:
-    raise ValueError(f"{path}: checkpoint holds {n_mtp} layers past num_hidden_layers={cfg.num_hidden_layers}, "
-                     f"config.json says num_nextn_predict_layers={cfg.num_nextn_predict_layers}")
-
   layout = checkpoint_layout(cfg)
   scales = {k for k in keys if k.endswith(_SCALE_SUFFIX)}
   data = {k for k in keys - scales if not k.endswith(_IGNORED_SUFFIXES)}
@@ -178,8 +189,9 @@ def save(config: Any, variables: Any, path: str, *, dtype: Any = None, max_shard
   variables: {"params": ..., "router": ...} (a train state's `{"params": state.params, "router":
   state.router_bias}`), scanned or unrolled (as `config.scan_layers` says), boxed or not, on any devices. Written:
   config.json, per-expert tensors, the MTP modules as layers num_hidden_layers.. (with the copies of the embedding
-  and head the format repeats), in files of at most `max_shard_bytes` (model.safetensors, or
-  model-0000k-of-0000n.safetensors plus model.safetensors.index.json). dtype: storage dtype (default: each
+  and head the format repeats; a LoRA model's adapters merged into their weights, moe_jax.model.lora), in files of
+  at most `max_shard_bytes` (model.safetensors, or model-0000k-of-0000n.safetensors plus
+  model.safetensors.index.json). dtype: storage dtype (default: each
   parameter's own); the routing biases stay float32, as in the V3 release. Returns the files written. Raises before
   writing anything when the parameter tree does not match the config.
   """
@@ -187,7 +199,11 @@ def save(config: Any, variables: Any, path: str, *, dtype: Any = None, max_shard
   if os.path.exists(config_path) and not overwrite:
     raise FileExistsError(f"{path} already holds a checkpoint (config.json); pass overwrite=True to replace it")
   hf = hf_config_from_model(config)  # raises for configs with no published format
-  flat = flat_variables(as_variables(meta.unbox(variables)))
+  variables = as_variables(meta.unbox(variables))
+  if config.get("lora_rank", 0):
+    variables = {**variables, "params": merge_lora(jax.device_get(variables["params"]), config)}
+    config = without_lora(config)
+  flat = flat_variables(variables)
   expect = flat_variables(variable_shapes(config))
   missing, unexpected = expect.keys() - flat.keys(), flat.keys() - expect.keys()
   if missing or unexpected:

@@ -41,6 +41,7 @@ token and layer, against MLA's C + R (V2 report Table 1).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -49,8 +50,9 @@ import jax.numpy as jnp
 
 from moe_jax.config import kv_heads, softmax_scale, uses_indexer
 from moe_jax.kernels.attention import attend, resolve_attention
-from moe_jax.layers.base import as_dtype, constrain, normal_init, param, project
+from moe_jax.layers.base import as_dtype, constrain, normal_init, project
 from moe_jax.layers.indexer import Indexer, index_kl_per_query, mean_over_queries, select_top_k, visible_scores
+from moe_jax.layers.lora import adapted_param
 from moe_jax.layers.sparse_attention import attend_selected
 from moe_jax.layers.norm import RMSNorm
 from moe_jax.layers.rope import apply_rope, rope_cos_sin
@@ -119,26 +121,27 @@ class MLA(nn.Module):
     query latent c_Q (None without q_lora_rank), which the DSA indexer reads."""
     c = self.config
     dtype, pdtype, init = as_dtype(c.dtype), as_dtype(c.param_dtype), normal_init(c)
+    weight = partial(adapted_param, self, init=init, dtype=pdtype, group="attention")  # + LoRA if configured
     D, H, N, R = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim
     mm = lambda a, w: project(a, w.astype(dtype))  # noqa: E731
     if c.q_lora_rank is not None:
       Q = c.q_lora_rank
-      wq_a = param(self, "wq_a", (D, Q), ("embed", "q_lora"), init, pdtype)
+      wq_a = weight("wq_a", (D, Q), ("embed", "q_lora"))
       cq_BTQ = RMSNorm(LATENT_NORM_EPS, dtype, pdtype, axis_name="q_lora", name="q_norm")(mm(x_BTD, wq_a))
-      wq_nope = param(self, "wq_b_nope", (Q, H, N), ("q_lora", "heads", "qk_nope"), init, pdtype)
-      wq_rope = param(self, "wq_b_rope", (Q, H, R), ("q_lora", "heads", "qk_rope"), init, pdtype)
+      wq_nope = weight("wq_b_nope", (Q, H, N), ("q_lora", "heads", "qk_nope"))
+      wq_rope = weight("wq_b_rope", (Q, H, R), ("q_lora", "heads", "qk_rope"))
       q_nope_BTHN = mm(cq_BTQ, wq_nope)
       q_rope_BTHR = mm(cq_BTQ, wq_rope)
     else:
-      wq_nope = param(self, "wq_nope", (D, H, N), ("embed", "heads", "qk_nope"), init, pdtype)
-      wq_rope = param(self, "wq_rope", (D, H, R), ("embed", "heads", "qk_rope"), init, pdtype)
+      wq_nope = weight("wq_nope", (D, H, N), ("embed", "heads", "qk_nope"))
+      wq_rope = weight("wq_rope", (D, H, R), ("embed", "heads", "qk_rope"))
       q_nope_BTHN = mm(x_BTD, wq_nope)
       q_rope_BTHR = mm(x_BTD, wq_rope)
       cq_BTQ = None
     q_rope_BTHR = apply_rope(q_rope_BTHR, inputs.cos_BTR, inputs.sin_BTR, c.rope_interleave)
     C = c.kv_lora_rank
-    w_dkv = param(self, "w_dkv", (D, C), ("embed", "kv_lora"), init, pdtype)
-    w_kr = param(self, "w_kr", (D, R), ("embed", "qk_rope"), init, pdtype)
+    w_dkv = weight("w_dkv", (D, C), ("embed", "kv_lora"))
+    w_kr = weight("w_kr", (D, R), ("embed", "qk_rope"))
     ckv_BTC = RMSNorm(LATENT_NORM_EPS, dtype, pdtype, axis_name="kv_lora", name="kv_norm")(mm(x_BTD, w_dkv))
     ckv_BTC = constrain(ckv_BTC, ("batch", "length", "kv_lora"))
     kpe_BTR = apply_rope(mm(x_BTD, w_kr), inputs.cos_BTR, inputs.sin_BTR, c.rope_interleave)
@@ -152,10 +155,11 @@ class MLA(nn.Module):
     """
     c = self.config
     dtype, pdtype, init = as_dtype(c.dtype), as_dtype(c.param_dtype), normal_init(c)
+    weight = partial(adapted_param, self, init=init, dtype=pdtype, group="attention")  # + LoRA if configured
     D, H, N, A, C = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim, c.kv_lora_rank
     q_nope_BTHN, q_rope_BTHR, new, cq_BTQ = self._project(x_BTD.astype(dtype), inputs)
-    w_uk_CHN = param(self, "w_uk", (C, H, N), ("kv_lora", "heads", "qk_nope"), init, pdtype).astype(dtype)
-    w_uv_CHA = param(self, "w_uv", (C, H, A), ("kv_lora", "heads", "v_head"), init, pdtype).astype(dtype)
+    w_uk_CHN = weight("w_uk", (C, H, N), ("kv_lora", "heads", "qk_nope")).astype(dtype)
+    w_uv_CHA = weight("w_uv", (C, H, A), ("kv_lora", "heads", "v_head")).astype(dtype)
     dsa = uses_indexer(c)
     n_keys = x_BTD.shape[1] + (0 if cache is None else cache.ckv_BSC.shape[1])
     impl = "xla" if cache is not None or dsa else resolve_attention(c.attention_impl)
@@ -196,7 +200,7 @@ class MLA(nn.Module):
       if training:
         self.sow("losses", "index_kl", mean_over_queries(kl_BT, inputs.segment_ids_BT != 0))
     o_BTHA = constrain(o_BTHA, ("batch", "length", "heads", "v_head"))
-    wo_HAD = param(self, "wo", (H, A, D), ("heads", "v_head", "embed"), init, pdtype)
+    wo_HAD = weight("wo", (H, A, D), ("heads", "v_head", "embed"), n_in=2)
     # One 2-D matmul (heads x value dims contracted together): as an einsum over (h, a), XLA's CPU layout
     # assignment transposed the whole [H, A, D] weight on every call (measured: 7x slower at V3 dims).
     out_BTD = project(o_BTHA, wo_HAD.astype(dtype), contract=2)
@@ -247,13 +251,14 @@ class GQA(nn.Module):
   def __call__(self, x_BTD, inputs: AttentionInputs, cache: KVCache | None = None):
     c = self.config
     dtype, pdtype, init = as_dtype(c.dtype), as_dtype(c.param_dtype), normal_init(c)
+    weight = partial(adapted_param, self, init=init, dtype=pdtype, group="attention")  # + LoRA if configured
     D, H, N, R, A = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
     k = kv_heads(c)
     x_BTD = x_BTD.astype(dtype)
     mm = lambda a, w: project(a, w.astype(dtype))  # noqa: E731
-    wq = param(self, "wq", (D, H, N + R), ("embed", "heads", "qk_head"), init, pdtype)
-    wk = param(self, "wk", (D, k, N + R), ("embed", "kv_heads", "qk_head"), init, pdtype)
-    wv = param(self, "wv", (D, k, A), ("embed", "kv_heads", "v_head"), init, pdtype)
+    wq = weight("wq", (D, H, N + R), ("embed", "heads", "qk_head"))
+    wk = weight("wk", (D, k, N + R), ("embed", "kv_heads", "qk_head"))
+    wv = weight("wv", (D, k, A), ("embed", "kv_heads", "v_head"))
 
     def rope(t):  # RoPE on the last R dims of each head
       return jnp.concatenate([t[..., :N], apply_rope(t[..., N:], inputs.cos_BTR, inputs.sin_BTR, c.rope_interleave)], -1)
@@ -272,7 +277,7 @@ class GQA(nn.Module):
         blocks.insert(0, (KVCache(cache.k_BSke.astype(dtype), cache.v_BSkA.astype(dtype)), inputs.cached_B11S))
       o_BTHA = _attend_grouped(q_BTHe, blocks, softmax_scale(c), dtype)
     o_BTHA = constrain(o_BTHA, ("batch", "length", "heads", "v_head"))
-    wo_HAD = param(self, "wo", (H, A, D), ("heads", "v_head", "embed"), init, pdtype)
+    wo_HAD = weight("wo", (H, A, D), ("heads", "v_head", "embed"), n_in=2)
     out_BTD = project(o_BTHA, wo_HAD.astype(dtype), contract=2)
     return out_BTD, (new if cache is not None else None)
 

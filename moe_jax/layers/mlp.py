@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
 import jax
 
-from moe_jax.layers.base import as_dtype, normal_init, param, project
+from moe_jax.layers.base import as_dtype, normal_init, project
+from moe_jax.layers.lora import adapted_param
 
 
 class SwiGLU(nn.Module):
@@ -19,9 +21,11 @@ class SwiGLU(nn.Module):
     c = self.config
     dtype, pdtype, init = as_dtype(c.dtype), as_dtype(c.param_dtype), normal_init(c)
     D, F = c.hidden_size, self.intermediate_size
-    wi_gate = param(self, "wi_gate", (D, F), ("embed", "mlp"), init, pdtype).astype(dtype)
-    wi_up = param(self, "wi_up", (D, F), ("embed", "mlp"), init, pdtype).astype(dtype)
-    wo = param(self, "wo", (F, D), ("mlp", "embed"), init, pdtype).astype(dtype)
+    group = "shared_experts" if self.name == "shared_experts" else "mlp"  # which LoRA target this layer is
+    weight = partial(adapted_param, self, init=init, dtype=pdtype, group=group)
+    wi_gate = weight("wi_gate", (D, F), ("embed", "mlp")).astype(dtype)
+    wi_up = weight("wi_up", (D, F), ("embed", "mlp")).astype(dtype)
+    wo = weight("wo", (F, D), ("mlp", "embed")).astype(dtype)
     x_BTD = x_BTD.astype(dtype)
     h_BTF = jax.nn.silu(project(x_BTD, wi_gate)) * project(x_BTD, wi_up)
     return project(h_BTF, wo)

@@ -6,15 +6,17 @@ The residual is added by the block.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moe_jax.layers.base import as_dtype, constrain, normal_init, param
+from moe_jax.layers.base import as_dtype, constrain, normal_init
 from moe_jax.layers.dispatch import capacity_dispatch, dropless_dispatch
 from moe_jax.layers.expert_parallel import mesh_plan, sharded_dropless_dispatch
+from moe_jax.layers.lora import adapted_param
 from moe_jax.layers.mlp import SwiGLU
 from moe_jax.layers.router import Router
 
@@ -25,6 +27,8 @@ class MoEStats(NamedTuple):
   balance_loss: jax.Array  # scalar, alpha-weighted sequence-wise balance loss
   dropped_fraction: jax.Array  # scalar, fraction of token-copies dropped (capacity dispatch, or expert-parallel
   #                               buffer overflow with ep_capacity_factor > 0; else 0)
+  gate_sum: jax.Array  # [E] sum over valid tokens of each expert's gating weight g_i,t (0 where not selected):
+  #                      ESFT's average gate score (moe_jax.training.esft)
 
 
 class MoE(nn.Module):
@@ -39,9 +43,10 @@ class MoE(nn.Module):
     x_BTD = x_BTD.astype(dtype)
     routing = Router(c, name="router")(x_BTD, valid_BT)
 
-    w_gate = param(self, "wi_gate", (E, D, F), ("expert", "embed", "expert_mlp"), init, pdtype)
-    w_up = param(self, "wi_up", (E, D, F), ("expert", "embed", "expert_mlp"), init, pdtype)
-    w_down = param(self, "wo", (E, F, D), ("expert", "expert_mlp", "embed"), init, pdtype)
+    weight = partial(adapted_param, self, init=init, dtype=pdtype, group="experts", n_lead=1)  # + LoRA if set
+    w_gate = weight("wi_gate", (E, D, F), ("expert", "embed", "expert_mlp"))
+    w_up = weight("wi_up", (E, D, F), ("expert", "embed", "expert_mlp"))
+    w_down = weight("wo", (E, F, D), ("expert", "expert_mlp", "embed"))
     x_TD = x_BTD.reshape(B * T, D)
     idx_TK = routing.topk_idx_BTK.reshape(B * T, -1)
     weight_TK = routing.topk_weight_BTK.reshape(B * T, -1)
@@ -58,4 +63,6 @@ class MoE(nn.Module):
     y_BTD = constrain(y_TD.reshape(B, T, D), ("batch", "length", "embed"))
     if c.n_shared_experts > 0:
       y_BTD = y_BTD + SwiGLU(c, c.n_shared_experts * F, name="shared_experts")(x_BTD)
-    return y_BTD, MoEStats(routing.expert_load_E, routing.balance_loss, dropped)
+    valid_TK = jnp.broadcast_to(valid_BT.reshape(B * T, 1), idx_TK.shape).astype(jnp.float32)
+    gate_sum_E = jnp.zeros((E,), jnp.float32).at[idx_TK].add(weight_TK.astype(jnp.float32) * valid_TK)
+    return y_BTD, MoEStats(routing.expert_load_E, routing.balance_loss, dropped, gate_sum_E)

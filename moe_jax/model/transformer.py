@@ -17,9 +17,11 @@ which never get a logit). aux (a dict of arrays):
   expert_load      [L_moe, E]  token-copies routed to each expert, per MoE layer (padding excluded)
   balance_loss     [L_moe]     alpha-weighted sequence-wise balance loss per MoE layer
   dropped_fraction [L_moe]     token-copies dropped by capacity dispatch (0 for dropless)
+  gate_sum         [L_moe, E]  sum of each expert's gating weights over the valid tokens (ESFT's relevance)
   and, when the config has MTP modules (num_nextn_predict_layers = J > 0) and `mtp=True`:
   mtp_logits       [J, B, T, V] float32; depth k (0-based) at position i predicts token i + k + 2
-  mtp_expert_load [J, E], mtp_balance_loss [J], mtp_dropped_fraction [J]  (zeros-width when MTP blocks are dense)
+  mtp_expert_load [J, E], mtp_balance_loss [J], mtp_dropped_fraction [J], mtp_gate_sum [J, E]  (zeros-width when
+  MTP blocks are dense)
   with a cache instead: hidden [B, T, D], the final-normed hidden state (the drafting MTP module's h^0 input).
 """
 
@@ -40,13 +42,13 @@ from moe_jax.model import cache as cache_lib
 from moe_jax.model.block import block_class
 from moe_jax.model.mtp import MTPModule
 
-_STAT_KEYS = ("expert_load", "balance_loss", "dropped_fraction")
+_STAT_KEYS = ("expert_load", "balance_loss", "dropped_fraction", "gate_sum")
 
 
 def _stack_stats(stats_list, num_experts: int):
   if not stats_list:
     return {"expert_load": jnp.zeros((0, num_experts)), "balance_loss": jnp.zeros((0,)),
-            "dropped_fraction": jnp.zeros((0,))}
+            "dropped_fraction": jnp.zeros((0,)), "gate_sum": jnp.zeros((0, num_experts))}
   return {k: jnp.stack([getattr(s, k) for s in stats_list]) for k in _STAT_KEYS}
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from moe_jax.layers.lora import A_SUFFIX, B_SUFFIX
 from moe_jax.layers.router import BIAS_COLLECTION
 from moe_jax.model.transformer import Transformer
 
@@ -36,11 +37,11 @@ def as_variables(tree: Any) -> dict:
 
 
 def merge_variables(loaded: dict, fresh: dict, source: str = "the loaded variables") -> tuple[dict, list[str]]:
-  """`fresh`'s tree with every leaf `loaded` has put in its place; only lightning-indexer leaves may be missing
-  from `loaded` (they keep their fresh values: V3.2 report sec. 2.1.1, continued training from V3.1 starts with
-  new indexers). Returns (variables, the '/'-joined paths left fresh). Raises ValueError naming the first leaf
-  whose shape differs or that is missing and not an indexer's; leaves `loaded` has beyond `fresh` are an error
-  too (weights that would be silently dropped)."""
+  """`fresh`'s tree with every leaf `loaded` has put in its place; only lightning-indexer and LoRA-adapter leaves
+  may be missing from `loaded` (they keep their fresh values: V3.2 report sec. 2.1.1, continued training from V3.1
+  starts with new indexers; a LoRA fine-tune starts with new adapters). Returns (variables, the '/'-joined paths
+  left fresh). Raises ValueError naming the first leaf whose shape differs or that is missing and not an indexer's
+  or an adapter's; leaves `loaded` has beyond `fresh` are an error too (weights that would be silently dropped)."""
   out, left_fresh = {}, []
   dropped = sorted(set(loaded) - set(fresh))
   if dropped:
@@ -54,12 +55,12 @@ def merge_variables(loaded: dict, fresh: dict, source: str = "the loaded variabl
         if tuple(have[path].shape) != tuple(leaf.shape):
           raise ValueError(f"{name}: shape {tuple(have[path].shape)} in {source}, {tuple(leaf.shape)} in this config")
         merged[path] = jnp.asarray(have[path], leaf.dtype)
-      elif "indexer" in path:
+      elif "indexer" in path or path[-1].endswith((A_SUFFIX, B_SUFFIX)):
         merged[path] = leaf
         left_fresh.append(name)
       else:
-        raise ValueError(f"{name} is not in {source} and is not a DSA indexer parameter: the model configs differ "
-                         "in more than index_n_heads")
+        raise ValueError(f"{name} is not in {source} and is not a DSA indexer or LoRA parameter: the model configs "
+                         "differ in more than index_n_heads or the LoRA fields")
     extra = sorted("/".join(p) for p in set(have) - set(flatten_dict(tree)))
     if extra:
       raise ValueError(f"{source} holds {len(extra)} array(s) this config has no place for ({', '.join(extra[:3])}"

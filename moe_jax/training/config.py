@@ -8,6 +8,8 @@
   config.train       base_train_config()
   config.checkpoint  base_checkpoint_config()
   config.mesh        moe_jax.sharding.base_mesh_config(): mesh axis sizes, logical-axis rules, multi-host
+  config.finetune    optional: moe_jax.training.finetune.base_finetune_config(), full | ESFT | LoRA
+                     (configs/finetune.py)
 
 `validate_config` raises ValueError naming the field and the allowed values; the trainer calls it before
 building anything, so a bad combination never reaches a compile.
@@ -25,6 +27,7 @@ from moe_jax.data.sources import SOURCES
 from moe_jax.data.tokenizer import TOKENIZERS
 from moe_jax.sharding import base_mesh_config, check_mesh_sizes, rules_of
 from moe_jax.training.balancing import BIAS_UPDATE_RULES
+from moe_jax.training.finetune import validate_finetune_config
 from moe_jax.training.optimizer import TRAINABLE
 from moe_jax.training.schedules import SCHEDULE_UNITS
 
@@ -106,6 +109,9 @@ def validate_config(config: Any) -> None:
   """Checks the whole experiment config; raises ValueError("invalid config: ...") naming the field."""
   for section in ("model", "data", "train", "checkpoint", "mesh"):
     _require(section in config, f"config.{section} is missing")
+  unknown_sections = set(config.keys()) - {"model", "data", "train", "checkpoint", "mesh", "finetune", "seed",
+                                           "init_from"}
+  _require(not unknown_sections, f"unknown fields config.{sorted(unknown_sections)}")
   for name, schema in (("data", base_data_config()), ("train", base_train_config()),
                        ("checkpoint", base_checkpoint_config()), ("mesh", base_mesh_config())):
     unknown = set(config[name].keys()) - set(schema.keys())
@@ -114,6 +120,7 @@ def validate_config(config: Any) -> None:
     _require(not missing, f"config.{name} lacks {sorted(missing)}")
   _require(isinstance(config.get("seed"), int), f"config.seed={config.get('seed')!r} must be an integer")
   validate_model_config(config.model)
+  validate_finetune_config(config)
   d, t, c = config.data, config.train, config.checkpoint
   _require(d.source in SOURCES, f"config.data.source={d.source!r} is not one of {SOURCES}")
   _require(d.tokenizer in TOKENIZERS, f"config.data.tokenizer={d.tokenizer!r} is not one of {TOKENIZERS}")

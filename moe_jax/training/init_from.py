@@ -25,15 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax.interop import huggingface
+from moe_jax.model.lora import merge_lora, without_lora
 from moe_jax.model.variables import merge_variables
+from moe_jax.training.finetune import RUNTIME_FIELDS
 from moe_jax.training.saved_weights import HF_PREFIX, read_workdir_weights
-
-# Model-config fields that change how the model computes or which DSA stage it is in, not what its weights mean:
-# differences in them are expected when continuing from a checkpoint and are not listed.
-_RUNTIME_FIELDS = {"dtype", "param_dtype", "attention_impl", "attention_block_size", "scan_layers", "remat_policy",
-                   "moe_dispatch", "capacity_factor", "gmm_backend", "ep_capacity_factor", "index_stage",
-                   "decode_attention", "initializer_range"}
-
 
 def is_workdir_source(spec: str | None) -> bool:
   return bool(spec) and not spec.startswith(HF_PREFIX)
@@ -74,7 +69,7 @@ def _place(tree: Any, shardings: Any) -> Any:
 
 def _differing_fields(source_cfg: Any, target_cfg: Any) -> list[str]:
   a, b = source_cfg.to_dict(), target_cfg.to_dict()
-  return sorted(k for k in set(a) | set(b) if k not in _RUNTIME_FIELDS and a.get(k) != b.get(k))
+  return sorted(k for k in set(a) | set(b) if k not in RUNTIME_FIELDS and a.get(k) != b.get(k))
 
 
 def initial_state(spec: str, model_config: Any, state: Any, shardings: Any, tx: Any,
@@ -87,7 +82,10 @@ def initial_state(spec: str, model_config: Any, state: Any, shardings: Any, tx: 
     description = f"{path} (published format)"
   else:
     w = read_workdir_weights(spec, log=log)
-    source_cfg, source_vars, description = w.model_config, w.variables, w.description
+    source_cfg, source_vars, description = w.model_config, dict(w.variables), w.description
+    if source_cfg.get("lora_rank", 0):  # a LoRA fine-tune continues from its merged weights
+      source_vars["params"] = merge_lora(source_vars["params"], source_cfg)
+      source_cfg = without_lora(source_cfg)
   fresh = {"params": state.params} | ({"router": state.router_bias} if state.router_bias else {})
   variables, left_fresh = merge_variables(source_vars, fresh, f"init_from={spec!r}")
   params = _place(variables["params"], shardings.params)
@@ -95,6 +93,8 @@ def initial_state(spec: str, model_config: Any, state: Any, shardings: Any, tx: 
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   differ = _differing_fields(source_cfg, model_config)
   log(f"initialised from {description}: {sum(x.size for x in jax.tree.leaves(params)):,} parameters"
-      + (f", {len(left_fresh)} indexer arrays freshly initialised" if left_fresh else "")
+      + "".join(f", {n} {kind} arrays freshly initialised" for kind, n in (
+          ("indexer", sum("indexer" in p for p in left_fresh)), ("LoRA", sum("_lora_" in p for p in left_fresh)))
+                if n)
       + (f"; model config differs in {', '.join(differ)}" if differ else ""))
   return state.replace(params=params, router_bias=router, opt_state=opt_state)

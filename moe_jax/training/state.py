@@ -15,7 +15,7 @@ Every parameter is split by its logical axis names through the rules in `config.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.sharding import batch_axes, logical_shardings, param_specs
-from moe_jax.training.optimizer import decay_mask, make_optimizer, trainable_mask
+from moe_jax.training.optimizer import decay_mask, make_optimizer
 
 
 @flax.struct.dataclass
@@ -48,16 +48,22 @@ def mesh_context(mesh: Mesh, rules: Sequence):
     yield
 
 
-def create_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequence, seed: int):
+def _abstract_params(model: nn.Module, mesh: Mesh, rules: Sequence):
+  """(boxed abstract params, their specs) -- raises naming the parameter when a split dim is not divisible."""
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  return boxed, param_specs(boxed, rules, dict(mesh.shape))
+
+
+def create_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequence, seed: int,
+                       selection: Callable[[Any], Any] | None = None):
   """(state, state shardings, optimizer). Parameters are initialised directly into their shardings.
 
+  `selection(boxed params)` says what trains (moe_jax.training.optimizer.restrict_to; None = everything).
   Raises ValueError naming the parameter and the mesh axes when a split dim is not divisible.
   """
   dummy = jnp.zeros((1, 8), jnp.int32)
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), dummy)["params"]
-  specs = param_specs(boxed, rules, dict(mesh.shape))
-  trainable = train_cfg.get("trainable", "all")
-  tx = make_optimizer(train_cfg, decay_mask(boxed), None if trainable == "all" else trainable_mask(boxed, trainable))
+  boxed, specs = _abstract_params(model, mesh, rules)
+  tx = make_optimizer(train_cfg, decay_mask(boxed), None if selection is None else selection(boxed))
 
   def init_fn(rng):
     variables = nn.meta.unbox(model.init(rng, dummy))
@@ -69,6 +75,18 @@ def create_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequ
   shardings = logical_shardings(abstract, specs, mesh)
   state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(seed))
   return state, shardings, tx
+
+
+def replace_optimizer(state: TrainState, model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequence,
+                      selection: Callable[[Any], Any] | None):
+  """(state with a fresh optimiser state for a new `selection`, its shardings, the optimizer): ESFT decides what
+  trains only once the weights are loaded. Moments of gathered rows ([rows, ...]) are replicated."""
+  boxed, specs = _abstract_params(model, mesh, rules)
+  tx = make_optimizer(train_cfg, decay_mask(boxed), None if selection is None else selection(boxed))
+  abstract = jax.eval_shape(lambda p: state.replace(opt_state=tx.init(p)), state.params)
+  shardings = logical_shardings(abstract, specs, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(state.params)
+  return state.replace(opt_state=opt_state), shardings, tx
 
 
 def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from moe_jax.config import uses_indexer
 from moe_jax.training import schedules
 from moe_jax.training.balancing import all_expert_loads, max_violation, update_router_bias
+from moe_jax.training.finetune import freezes_router
 from moe_jax.training.loss import masked_mean_nll, training_loss
 from moe_jax.training.state import TrainState, batch_sharding, mesh_context
 
@@ -30,7 +31,7 @@ def train_step_fn(model: nn.Module, config: Any, tx: optax.GradientTransformatio
     lr = schedules.learning_rate(config, state.step, state.tokens, run_end)
     lam = schedules.mtp_weight(config, state.step, state.tokens)
     gamma = schedules.bias_update_rate(config, state.step, state.tokens)
-    if config.train.trainable != "all":  # a frozen main model keeps its routing biases too
+    if freezes_router(config):  # frozen routers keep their routing biases too
       gamma = jnp.zeros_like(gamma)
     dsa = uses_indexer(config.model)
 
@@ -96,7 +97,8 @@ def make_train_step(model, config, tx, run_end: float, mesh: Mesh, rules, state_
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, rules, state_shardings):
-  """(params, router_bias, batch, token_bytes [V]) -> sums over the batch: nll, targets, bytes, expert loads."""
+  """(params, router_bias, batch, token_bytes [V]) -> sums over the batch: nll, targets, bytes, expert loads and
+  gate sums (ESFT's relevance)."""
 
   def step(params, bias, batch, token_bytes_V):
     logits, aux = model.apply({"params": params, "router": bias}, batch["tokens"],
@@ -105,7 +107,7 @@ def make_eval_step(model: nn.Module, mesh: Mesh, rules, state_shardings):
                                                              batch.get("loss_mask"))
     nbytes = jnp.sum(jnp.where(mask_BT, token_bytes_V[targets_BT], 0))
     return {"nll_sum": nll_sum, "targets": count, "bytes": nbytes.astype(jnp.float32),
-            "expert_load": aux["expert_load"]}
+            "expert_load": aux["expert_load"], "gate_sum": aux["gate_sum"]}
 
   replicated = NamedSharding(mesh, P())
   return _InMesh(jax.jit(step, in_shardings=(state_shardings.params, state_shardings.router_bias,

@@ -10,6 +10,7 @@ gzip -9 / xz -9e bits per byte of the same held-out documents beside the model's
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -32,11 +33,33 @@ from moe_jax.training.evaluate import compressor_bits_per_byte, evaluate, token_
 from moe_jax.training.metrics import MetricWriter, format_eta, read_jsonl, training_summary, truncate_jsonl
 from moe_jax.sharding import batch_axes, make_mesh, rules_of
 from moe_jax.training.distributed import maybe_initialize
+from moe_jax.training import esft as esft_lib
+from moe_jax.training.finetune import (ESFT_METHODS, finetune_config, resolve_model_config, source_model_config,
+                                       trainable_count, trainable_selection)
 from moe_jax.training.init_from import check_source, copy_source_tokenizer, initial_state
 from moe_jax.training.preemption import StopOnSignal
 from moe_jax.training.workdir import WorkdirLock, archive_run, check_resume
-from moe_jax.training.state import batch_sharding, create_train_state, global_batch, replicated_array
+from moe_jax.training.state import (batch_sharding, create_train_state, global_batch, replace_optimizer,
+                                    replicated_array)
 from moe_jax.training.step import make_eval_step, make_train_step
+
+
+def _general_eval(config, tokenizer, eval_step, state, local_batch, token_bytes, put, log) -> dict:
+  """Held-out bits per byte on the data of the run config.init_from names (forgetting), and that run's own
+  figure on the same split (its eval.json) as the before."""
+  with open(os.path.join(config.init_from, "config.json")) as f:
+    data_cfg = ml_collections.ConfigDict(json.load(f)["data"])
+  rows, nbytes, _ = eval_rows(data_cfg, tokenizer, jax.process_index(), jax.process_count())
+  log(f"general evaluation on the held-out split of {config.init_from} ({len(rows)} rows) ...")
+  ev = evaluate(eval_step, state.params, state.router_bias, rows, local_batch, token_bytes, put=put)
+  out = {"general_bits_per_byte": ev["bits_per_byte"], "general_eval_bytes": ev["eval_bytes"]}
+  before = os.path.join(config.init_from, "eval.json")
+  if os.path.isfile(before):
+    with open(before) as f:
+      out["general_bits_per_byte_before"] = json.load(f).get("bits_per_byte")
+  log(f"general held-out bits per byte: {out['general_bits_per_byte']:.4f} (before fine-tuning: "
+      f"{out.get('general_bits_per_byte_before') or float('nan'):.4f})")
+  return out
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,8 +79,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
   run), WorkdirInUse (another trainer writes it), CheckpointsUnreadable, CheckpointWriteError, TrainingDiverged.
   """
   validate_config(config)
-  if config.get("init_from") and not os.path.exists(os.path.join(workdir, "config.json")):  # a fresh run
-    check_source(config.init_from)
+  if config.get("init_from"):
+    config = _with_checkpoint_model(config, workdir)
   maybe_initialize(config.mesh)
   mesh, rules = make_mesh(config.mesh), rules_of(config.mesh)
   split = math.prod(mesh.shape[a] for a in batch_axes(rules))
@@ -79,6 +102,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
   finally:
     if lock is not None:
       lock.release()
+
+
+def _with_checkpoint_model(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """A copy of `config` whose model config is the checkpoint's (moe_jax.training.finetune.resolve_model_config):
+  on a fresh run read from config.init_from, on a resumed one from the run's own saved config."""
+  saved = os.path.join(workdir, "config.json")
+  if os.path.exists(saved):
+    with open(saved) as f:
+      source = ml_collections.ConfigDict(json.load(f)["model"])
+  else:
+    check_source(config.init_from)
+    source = source_model_config(config.init_from)
+  config = copy.deepcopy(config)
+  config.model = resolve_model_config(config, source)
+  validate_config(config)
+  return config
 
 
 def _train_and_evaluate(config, workdir, mesh, rules, stop, log) -> dict:
@@ -118,16 +157,36 @@ def _train_and_evaluate(config, workdir, mesh, rules, stop, log) -> dict:
       f"{config.model.num_experts_per_tok}; compute {config.model.dtype}, backend {jax.default_backend()}")
   log(f"mesh: {' x '.join(f'{a}={n}' for a, n in mesh.shape.items())} over {jax.device_count()} devices in "
       f"{pcount} process(es)")
-  state, shardings, tx = create_train_state(model, config.train, mesh, rules, config.seed)
+  ft = finetune_config(config)
+  esft = ft.method in ESFT_METHODS
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every, config.checkpoint.keep,
                       config.checkpoint.async_save, quarantine=os.path.join(workdir, "quarantine"))
+  experts = esft_lib.read_selection(workdir) if esft and ckpt.steps() else None  # a resumed ESFT run's selection
+  select = lambda boxed: trainable_selection(boxed, config, config.model, experts)  # noqa: E731
+  state, shardings, tx = create_train_state(model, config.train, mesh, rules, config.seed, select)
   restored, start = ckpt.restore_latest(abstract_like(state, shardings), loader, log)
   writer_path = os.path.join(workdir, "metrics.jsonl")
+  eval_step = make_eval_step(model, mesh, rules, shardings)
+  put = lambda b: global_batch(b, batch_sharding(mesh, rules))  # noqa: E731
   if restored is not None:
     state = restored
     log(f"resumed from step {start} ({int(state.tokens):,} tokens seen)")
   elif config.get("init_from"):
     state = initial_state(config.init_from, config.model, state, shardings, tx, log)
+    if esft:  # measure the task's expert relevance with the loaded weights, then build the optimiser for it
+      sample = BatchLoader(train_rows(config.data, tokenizer, config.seed, pidx, pcount), config.data.batch_size,
+                           config.data.seq_len)
+      batches = (put(sample.next_batch(config.data.batch_size // pcount)) for _ in range(ft.esft_sample_batches))
+      gate_LE, load_LE = esft_lib.measure(eval_step, state.params, state.router_bias, batches, token_bytes)
+      experts = esft_lib.choose(gate_LE, load_LE, ft.method, ft.esft_threshold, config.model.first_k_dense_replace,
+                                workdir, log, write=jax.process_index() == 0)
+      state, shardings, tx = replace_optimizer(state, model, config.train, mesh, rules, select)
+  trained = trainable_count(state.params, select(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                                                np.zeros((1, 8), np.int32))["params"]))
+  opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+  total = sum(x.size for x in jax.tree.leaves(state.params))
+  log(f"training {trained:,} of {total:,} parameters ({trained / total:.2%}; finetune.method={ft.method}); "
+      f"optimiser state {opt_bytes / 2**20:,.2f} MiB")
   if jax.process_index() == 0:  # every check has passed: the workdir now holds this run
     write_json(os.path.join(workdir, "config.json"), config.to_dict())
     truncate_jsonl(writer_path, start)
@@ -135,9 +194,6 @@ def _train_and_evaluate(config, workdir, mesh, rules, stop, log) -> dict:
 
   run_end = schedules.run_end(config)
   train_step = make_train_step(model, config, tx, run_end, mesh, rules, shardings)
-  eval_step = make_eval_step(model, mesh, rules, shardings)
-  rows_sharding = batch_sharding(mesh, rules)
-  put = lambda b: global_batch(b, rows_sharding)  # noqa: E731
   local_batch = config.data.batch_size // pcount
   num_steps, T = config.train.num_steps, config.data.seq_len
   tokens_seen = int(state.tokens)
@@ -226,7 +282,11 @@ def _train_and_evaluate(config, workdir, mesh, rules, stop, log) -> dict:
             "eval_bytes": ev["eval_bytes"], "max_vio_global": ev.get("max_vio_global"),
             "max_vio_global_per_layer": ev.get("max_vio_global_per_layer"), "tokens_seen": tokens_seen,
             **training_summary(read_jsonl(writer_path)),
-            "data": loader.counters(), "wall_seconds_this_run": time.time() - t_start}
+            "data": loader.counters(), "trainable_params": trained, "total_params": total,
+            "optimizer_state_bytes": opt_bytes, "finetune_method": ft.method,
+            "wall_seconds_this_run": time.time() - t_start}
+  if ft.general_eval:
+    result.update(_general_eval(config, tokenizer, eval_step, state, local_batch, token_bytes, put, log))
   if jax.process_index() == 0:
     writer.write(int(state.step), ev, prefix="final_")
     write_json(os.path.join(workdir, "eval.json"), result)

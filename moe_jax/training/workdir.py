@@ -34,7 +34,8 @@ RESUMABLE = (
     "model.attention_impl", "model.attention_block_size",
     "model.max_position_embeddings",
 )  # fmt: skip
-RUN_FILES = ("checkpoints", "metrics.jsonl", "eval.json", "config.json", "tensorboard", "quarantine")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "eval.json", "config.json", "tensorboard", "quarantine",
+             "esft_experts.json", "esft_relevance.json")
 
 
 class WorkdirInUse(RuntimeError):
