@@ -225,7 +225,7 @@ def test_a_v3_model_becomes_v32_with_fresh_indexers():
   want, _ = jax.jit(Transformer(v3_cfg).apply)(v3, tokens)
   got, _ = jax.jit(Transformer(v32_cfg).apply)(v32, tokens)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  with pytest.raises(ValueError, match="not a DSA indexer parameter"):
+  with pytest.raises(ValueError, match="not a DSA indexer or LoRA parameter"):
     add_indexers(v3, tiny_config(num_nextn_predict_layers=2, **DSA))
 
 

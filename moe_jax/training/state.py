@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moe_jax.sharding import batch_axes, logical_shardings, param_specs
-from moe_jax.training.optimizer import decay_mask, make_optimizer
+from moe_jax.training.optimizer import decay_mask, make_optimizer, trainable_mask
 
 
 @flax.struct.dataclass
@@ -54,16 +54,25 @@ def _abstract_params(model: nn.Module, mesh: Mesh, rules: Sequence):
   return boxed, param_specs(boxed, rules, dict(mesh.shape))
 
 
+def _chosen(boxed: Any, train_cfg: Any, selection: Callable[[Any], Any] | None) -> Any:
+  """What trains: `selection(boxed)`, or by default config.train.trainable (all, or the DSA indexers only)."""
+  if selection is not None:
+    return selection(boxed)
+  trainable = train_cfg.get("trainable", "all")
+  return None if trainable == "all" else trainable_mask(boxed, trainable)
+
+
 def create_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequence, seed: int,
                        selection: Callable[[Any], Any] | None = None):
   """(state, state shardings, optimizer). Parameters are initialised directly into their shardings.
 
-  `selection(boxed params)` says what trains (moe_jax.training.optimizer.restrict_to; None = everything).
+  `selection(boxed params)` says what trains (moe_jax.training.optimizer.restrict_to; a None result = everything);
+  without it, config.train.trainable does.
   Raises ValueError naming the parameter and the mesh axes when a split dim is not divisible.
   """
   dummy = jnp.zeros((1, 8), jnp.int32)
   boxed, specs = _abstract_params(model, mesh, rules)
-  tx = make_optimizer(train_cfg, decay_mask(boxed), None if selection is None else selection(boxed))
+  tx = make_optimizer(train_cfg, decay_mask(boxed), _chosen(boxed, train_cfg, selection))
 
   def init_fn(rng):
     variables = nn.meta.unbox(model.init(rng, dummy))
@@ -82,7 +91,7 @@ def replace_optimizer(state: TrainState, model: nn.Module, train_cfg: Any, mesh:
   """(state with a fresh optimiser state for a new `selection`, its shardings, the optimizer): ESFT decides what
   trains only once the weights are loaded. Moments of gathered rows ([rows, ...]) are replicated."""
   boxed, specs = _abstract_params(model, mesh, rules)
-  tx = make_optimizer(train_cfg, decay_mask(boxed), None if selection is None else selection(boxed))
+  tx = make_optimizer(train_cfg, decay_mask(boxed), _chosen(boxed, train_cfg, selection))
   abstract = jax.eval_shape(lambda p: state.replace(opt_state=tx.init(p)), state.params)
   shardings = logical_shardings(abstract, specs, mesh)
   opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(state.params)
