@@ -2,7 +2,7 @@
 # The ESFT experiment (experiments/esft.py) end to end, resumable (rerunning skips what is done):
 #   1. the base model: configs/default.py on the embedded corpus (the stdlib without its tests), ~15 min on 2 cores
 #   2. full / esft_gate / esft_token / lora fine-tuning on the stdlib's test/test_*.py files, 3 seeds each
-#   3. the report: summary.md, results.csv and plots in ROOT/report
+#   3. the report (summary.md, results.csv, plots in ROOT/esft/report) and the base model's task bits/byte
 # Usage: bash scripts/esft_experiment.sh [ROOT=experiments/runs] [--seeds=N] [--config.x.y=v for every run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
