@@ -255,6 +255,17 @@ def test_bpe_roundtrip_and_token_bytes(tmp_path):
   pub = load_published(str(tmp_path))
   assert pub.bos_id == tok.bos_id and list(pub.encode(texts[1])) == list(tok.encode(texts[1]))
   assert pub.decode(tok.encode(texts[1])) == texts[1] and pub.decode([tok.bos_id, tok.vocab_size + 3]) == b""
+  # config.data.tokenizer_path naming a published checkpoint's tokenizer.json: <bos> is its config's bos_token
+  import json
+  from tokenizers import Tokenizer
+  hf_tok = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+  hf_tok.add_special_tokens(["<｜begin▁of▁sentence｜>"])
+  (tmp_path / "ckpt").mkdir()
+  hf_tok.save(str(tmp_path / "ckpt" / "tokenizer.json"))
+  (tmp_path / "ckpt" / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<｜begin▁of▁sentence｜>"}))
+  ds = load_or_train_tokenizer(_data_cfg(tokenizer="bpe", tokenizer_path=str(tmp_path / "ckpt" / "tokenizer.json")),
+                               None)
+  assert ds.bos_id == hf_tok.token_to_id("<｜begin▁of▁sentence｜>") != tok.bos_id
 
 
 def test_bpe_trained_in_workdir_is_reused(tmp_path):

@@ -64,6 +64,9 @@ class BPETokenizer:
 
     if not os.path.isfile(path):
       raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+    directory = os.path.dirname(path)
+    if os.path.basename(path) == "tokenizer.json" and os.path.isfile(os.path.join(directory, "tokenizer_config.json")):
+      return load_published(directory)  # a published checkpoint's: its <bos> is tokenizer_config.json's bos_token
     return cls(HFTokenizer.from_file(path))
 
   def save(self, path: str) -> None:
