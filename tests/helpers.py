@@ -67,15 +67,17 @@ def logged_losses(work):
   return {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(work, "metrics.jsonl"))) if "loss" in r}
 
 
-def kill_9_past_step(proc, work, step, timeout=300):
+def kill_9_past_step(proc, work, step, checkpoint=None, timeout=300):
   """SIGKILL a training subprocess once its metrics.jsonl has logged `step` (a few steps past a checkpoint, mid-
-  run); asserts it was still running."""
+  run) and, with `checkpoint`, that step's checkpoint is finalised (saves are asynchronous); asserts it was still
+  running."""
   import os
   import signal
   import time
   deadline = time.time() + timeout
   while time.time() < deadline:
-    if os.path.exists(os.path.join(work, "metrics.jsonl")) and max(logged_losses(work), default=0) >= step:
+    if (os.path.exists(os.path.join(work, "metrics.jsonl")) and max(logged_losses(work), default=0) >= step
+        and (checkpoint is None or os.path.isdir(os.path.join(work, "checkpoints", str(checkpoint))))):
       break
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)

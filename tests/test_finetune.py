@@ -206,7 +206,7 @@ def test_esft_trains_only_the_selected_experts_and_resumes_exactly_after_kill_9(
   assert ev["finetune_method"] == "esft_token"
 
   proc = subprocess.Popen(cmd(run), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  kill_9_past_step(proc, run, 6)
+  kill_9_past_step(proc, run, 6, checkpoint=4)
   out = subprocess.run(cmd(run), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0 and "resumed from step" in out.stdout and "ESFT (" not in out.stdout, out.stderr[-3000:]
   a, b = logged_losses(ref_dir), logged_losses(run)
