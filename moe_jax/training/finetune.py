@@ -152,8 +152,8 @@ def moe_layer_of(names: list[str]) -> int | None:
 
 
 def trainable_selection(boxed_params: Any, config: Any, model_cfg: Any, esft_experts: dict | None) -> Any:
-  """One leaf per parameter: True (trains), False (frozen) or optimizer.Rows (ESFT: the selected experts' rows);
-  None when everything trains (the plain optimiser). `esft_experts` maps the published layer index
+  """One leaf per parameter (of a boxed or a plain tree): True (trains), False (frozen) or optimizer.Rows (ESFT: the
+  selected experts' rows); None when everything trains (the plain optimiser). `esft_experts` maps the published layer index
   (model.layers.<i>) to expert ids; None under ESFT = nothing trains yet (before the selection is made)."""
   method = finetune_config(config).method
   is_leaf = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
@@ -170,7 +170,7 @@ def trainable_selection(boxed_params: Any, config: Any, model_cfg: Any, esft_exp
       return False
     if j >= 0:
       return Rows(sorted(esft_experts.get(str(first + j), [])), lead=1)
-    n_layers = leaf.value.shape[0]
+    n_layers = getattr(leaf, "value", leaf).shape[0]  # boxed (abstract) or plain parameters
     return Rows([l * E + e for l in range(n_layers) for e in sorted(esft_experts.get(str(first + l), []))], lead=2)
 
   return jax.tree_util.tree_map_with_path(one, boxed_params, is_leaf=is_leaf)

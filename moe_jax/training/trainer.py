@@ -181,8 +181,7 @@ def _train_and_evaluate(config, workdir, mesh, rules, stop, log) -> dict:
       experts = esft_lib.choose(gate_LE, load_LE, ft.method, ft.esft_threshold, config.model.first_k_dense_replace,
                                 workdir, log, write=jax.process_index() == 0)
       state, shardings, tx = replace_optimizer(state, model, config.train, mesh, rules, select)
-  trained = trainable_count(state.params, select(jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                                                                np.zeros((1, 8), np.int32))["params"]))
+  trained = trainable_count(state.params, select(state.params))
   opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
   total = sum(x.size for x in jax.tree.leaves(state.params))
   log(f"training {trained:,} of {total:,} parameters ({trained / total:.2%}; finetune.method={ft.method}); "
