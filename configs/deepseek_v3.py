@@ -1,11 +1,19 @@
-"""DeepSeek-V3 (671B total, 37B activated): the published architecture (config.json of deepseek-ai/DeepSeek-V3).
+"""DeepSeek-V3 (671B total, 37B activated): the published architecture (config.json of deepseek-ai/DeepSeek-V3),
+and its pre-training run's shape (V3 report sec. 4.2: 4K tokens, 15,360 sequences per step) on its 2,048-GPU mesh.
 
-Too large to instantiate on a workstation; used with jax.eval_shape (summary, planner) and as the reference shape.
+Too large to instantiate on a workstation; used with jax.eval_shape (summary, planner), as the reference shape,
+and compiled deviceless for real targets (docs/compile.md), e.g. on 256 H100s, one sequence per GPU:
+
+    python -m moe_jax.compile --config=configs/deepseek_v3.py --target=h100-256 --steps=train \
+        --config.mesh.fsdp=4 --config.mesh.expert=64 --config.mesh.tensor=1 --config.data.batch_size=256
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from moe_jax.config import base_model_config, yarn_rope_scaling
+from moe_jax.sharding import base_mesh_config
+from moe_jax.training.config import base_checkpoint_config, base_data_config, base_train_config
 
 
 def get_model_config() -> ml_collections.ConfigDict:
@@ -46,5 +54,22 @@ def get_model_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
+  config.seed = 0  # init and data order
+  config.init_from = placeholder(str)  # start from trained weights: a training workdir or hf:DIR (None: random init)
   config.model = get_model_config()  # the model (moe_jax.config schema)
+  config.model.remat_policy = "full"  # activations rematerialised (61 layers x 4K tokens)
+  config.data = base_data_config()
+  config.data.source = "jsonl"  # give --config.data.paths
+  config.data.tokenizer = "bpe"  # or --config.data.tokenizer_path=<the published tokenizer.json>
+  config.data.bpe_vocab_size = 128000  # <= model.vocab_size
+  config.data.seq_len = 4096  # V3 pre-training's sequence length
+  config.data.batch_size = 15360  # V3's batch after its batch-size warm-up (sequences per step)
+  config.train = base_train_config()
+  config.train.learning_rate = 2.2e-4  # V3's peak LR
+  config.checkpoint = base_checkpoint_config()
+  config.mesh = base_mesh_config()
+  config.mesh.data = -1  # the rest (1 on V3's 2,048 GPUs)
+  config.mesh.fsdp = 8  # parameters and optimiser state split on the model dim
+  config.mesh.expert = 64  # 4 routed experts per device (V3 sec. 3.2: EP64 over 8 nodes)
+  config.mesh.tensor = 4  # attention heads, FFN widths and vocabulary split 4 ways
   return config

@@ -36,12 +36,15 @@ from moe_jax.model.block import block_class
 from moe_jax.model.params import count_params, param_shapes
 from moe_jax.sharding import batch_axes, param_specs, shard_shape
 
-# Dense BF16 peak FLOP/s (no sparsity) and memory per device.
-ACCELERATORS = {
-    "h800": (989e12, 80e9), "h100": (989e12, 80e9), "h200": (989e12, 141e9), "a100": (312e12, 80e9),
-    "tpu-v5p": (459e12, 95e9), "tpu-v4": (275e12, 32e9), "cpu": (1e11, 24e9),
-}
 GiB = 2 ** 30
+# Dense BF16 peak FLOP/s (no sparsity) and memory per device (a TPU chip, a GPU) as JAX sees it: the GPUs' device
+# memory as the driver reports it (an "80 GB" H100 holds 79.1 GiB), the TPUs' HBM per chip. moe_jax.aot's targets
+# read the same table, so the planner and the compiler's fit answers compare against one number.
+ACCELERATORS = {
+    "h800": (989e12, 84_942_979_072), "h100": (989e12, 84_942_979_072), "h200": (989e12, 150_754_820_096),
+    "a100": (312e12, 85_899_345_920), "tpu-v5p": (459e12, 95 * GiB), "tpu-v4": (275e12, 32 * GiB),
+    "tpu-v5e": (197e12, 16 * GiB), "tpu-v6e": (918e12, 32 * GiB), "cpu": (1e11, 24e9),
+}
 
 
 def _bytes(dtype) -> int:

@@ -115,7 +115,9 @@ def main(argv):
          "model_flops_per_token": fpt["total"], "tflops": fpt["total"] * B * T / dt / 1e12,
          "mfu": fpt["total"] * B * T / dt / peak, "peak_tflops": peak / 1e12, "peak_from": peak_source,
          "compile_s": compile_s, "attention_impl": c.attention_impl, "gmm_backend": c.gmm_backend, "dtype": c.dtype,
-         "device": kind, "jax": jax.__version__}
+         "device": kind, "jax": jax.__version__,
+         # what the device allocator saw, to set beside `python -m moe_jax.compile`'s compiled per-device bytes
+         "peak_bytes_in_use": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")}
   if _PROFILE.value:
     row["breakdown_ms"], state = _breakdown(step, state, batch)
   if _JSON.value:

@@ -26,4 +26,7 @@ step dsa 240 "$PY" scripts/bench_dsa.py --heads=128 --index_heads=64 --hidden=71
   --contexts=4096,16384,65536,131072 --prefill_contexts=4096,16384,32768 --train_contexts=32768,131072 --max_gib=60 --json
 for kernel in ragged_dot mgpu_ragged_dot; do
   step "mfu_$kernel" 240 "$PY" scripts/bench_mfu.py --config=configs/bench_1b.py --config.model.gmm_backend="$kernel" --json
+  # The deviceless report of the same step, to compare its per-device bytes with mfu's peak_bytes_in_use.
+  step "compile_$kernel" 240 "$PY" -m moe_jax.compile --config=configs/bench_1b.py --target=h100-1 --steps=train \
+    --config.model.gmm_backend="$kernel" --json
 done

@@ -164,3 +164,10 @@ def test_two_processes_form_one_mesh_and_match_one_process(worker, tmp_path):
   assert r["restored_equal"] and r["loss_after_restore"] == r["loss_continued"]
   assert r["trainer_step"] == 4 and r["checkpoints"] == ["2", "4"] and np.isfinite(r["bits_per_byte"])
   assert r["mesh_line"] == ["mesh: data=2 x fsdp=1 x expert=4 x tensor=1 over 8 devices in 2 process(es)"]
+
+
+def test_pallas_kernels_on_the_mesh_match_one_device_values_and_gradients(worker):
+  """megablox / pallas_tpu inside the expert-parallel shard_map and splash per shard, interpreted on 8 CPU devices:
+  loss and every gradient within float32 summation error of the one-device reference (tests/sharding_worker.py)."""
+  for name, err in worker["kernels"].items():
+    assert err < 1e-4, (name, err)

@@ -173,6 +173,15 @@ def _generate(cfg, speculative: bool, n_bucket: int, variables, prompts_BT, leng
   return state.out_BY, state.n_out_B, state.stopped_B, state.steps_B, state.drafted_B, state.accepted_B
 
 
+def generation_program(cfg: Any, speculative: bool, n_bucket: int, trace_counter: list | None = None):
+  """The jitted whole generation for `cfg` (an `inference_config`) and a max_new_tokens bucket: (variables,
+  prompts [B, P], lengths [B], live [B], max_new, temperature, top_k, top_p, stop ids [S], rng key) -> (out [B, Y],
+  n_out [B], stopped [B], steps [B], drafted [B], accepted [B]). What `Generator` runs, and what
+  `moe_jax.aot` compiles ahead of time."""
+  return jax.jit(functools.partial(_generate, cfg, speculative, n_bucket,
+                                   trace_counter=[0] if trace_counter is None else trace_counter))
+
+
 class Generator:
   """Generation for one model: compiles once per (batch, prompt, max_new_tokens) bucket and mode.
 
@@ -191,8 +200,7 @@ class Generator:
   def _fn(self, speculative: bool, n_bucket: int):
     key = (speculative, n_bucket)
     if key not in self._fns:
-      self._fns[key] = jax.jit(functools.partial(_generate, self.config, speculative, n_bucket,
-                                                 trace_counter=self.traces))
+      self._fns[key] = generation_program(self.config, speculative, n_bucket, self.traces)
     return self._fns[key]
 
   def generate(self, prompts, *, max_new_tokens: int, lengths: Sequence[int] | None = None,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moe_jax.kernels.interpret import kernel_platform
 from moe_jax.kernels.shapes import pad_to_multiple
 
 _NEG = -1e30  # finite "minus infinity": exp(_NEG - m) underflows to 0 without inf - inf = nan
@@ -51,7 +52,7 @@ def blockwise_attention(q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTH
   dtype = v_BTHA.dtype
   blk = block_size_for(T, block)
   args = [pad_to_multiple(a, 1, blk) for a in (q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTHA)]
-  if jax.default_backend() == "cpu" and dtype != jnp.float32:
+  if kernel_platform() == "cpu" and dtype != jnp.float32:
     # XLA's CPU runtime has no bf16 x bf16 -> f32 dot inside loops (UNIMPLEMENTED in DotThunk), and CPUs have no
     # bf16 matmul units to lose: compute in float32 there.
     args = [a.astype(jnp.float32) for a in args]

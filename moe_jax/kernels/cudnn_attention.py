@@ -22,6 +22,12 @@ _IMPLEMENTATION = "cudnn"  # tests set "xla" to check the arrangement on CPU
 
 def cudnn_attention(q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTHA, segment_ids_BT, *, scale: float,
                     implementation: str | None = None):
+  implementation = implementation or _IMPLEMENTATION
+  if implementation == "cudnn" and q_nope_BTHN.dtype not in (jnp.bfloat16, jnp.float16):
+    # Raised while tracing, before anything compiles (cuDNN would fail later with "Unsupported dtype").
+    raise ValueError(f"attention_impl='cudnn' needs config.model.dtype bfloat16 or float16, got "
+                     f"{jnp.dtype(q_nope_BTHN.dtype).name}: cuDNN's fused attention has no float32 kernel; use "
+                     "attention_impl='blockwise' (or 'auto') for float32")
   A = v_BTHA.shape[-1]
   q_BTHK, k_BTHK = joint_qk(q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR)
   width = q_BTHK.shape[-1]
@@ -30,5 +36,5 @@ def cudnn_attention(q_nope_BTHN, q_rope_BTHR, k_nope_BTHN, k_rope_BTR, v_BTHA, s
   v_BTHK = jnp.pad(v_BTHA, ((0, 0), (0, 0), (0, 0), (0, width - A)))
   same_doc_B1TT = (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])[:, None]
   o_BTHK = jax.nn.dot_product_attention(q_BTHK, k_BTHK, v_BTHK, mask=same_doc_B1TT, scale=scale, is_causal=True,
-                                        implementation=implementation or _IMPLEMENTATION)
+                                        implementation=implementation)
   return o_BTHK[..., :A]

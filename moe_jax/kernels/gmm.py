@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from moe_jax.kernels import megablox, pallas_tpu, xla_tiled
 from moe_jax.kernels.interpret import interpret_kernels, interpreting, resolve_for_platform
 from moe_jax.kernels.shapes import zero_rows_past_groups
-from moe_jax.kernels.vma import match_varying
+from moe_jax.kernels.vma import cast_varying, match_varying, varying_axes
 
 BACKENDS = ("tiled", "ragged_dot", "megablox", "mgpu_ragged_dot", "tokamax", "pallas_tpu", "pallas_mosaic_gpu",
             "reference")
@@ -113,7 +113,9 @@ def _gmm_vjp_bwd(backend, out_dtype, interpret, res, dout_MO):
   dout_MO = dout_MO.astype(lhs_MI.dtype)
   dlhs = mm(dout_MO, jnp.swapaxes(rhs_EIO, 1, 2), group_sizes_E, jnp.float32).astype(lhs_MI.dtype)
   drhs = tmm(lhs_MI, dout_MO, group_sizes_E, rhs_EIO.dtype)
-  return dlhs, drhs, None
+  # Inside shard_map the cotangents must vary over the axes their primals do; kernels whose outputs carry no
+  # varying-axes type (Mosaic GPU's) come back invariant, so cast them (the primals were matched in `gmm`).
+  return cast_varying(dlhs, varying_axes(lhs_MI)), cast_varying(drhs, varying_axes(rhs_EIO)), None
 
 
 _gmm_vjp.defvjp(_gmm_vjp_fwd, _gmm_vjp_bwd)

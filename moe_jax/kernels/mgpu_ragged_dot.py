@@ -12,7 +12,13 @@ float64 loop when one is. Opt-in (`gmm_backend="mgpu_ragged_dot"`); `auto` does 
 
 from __future__ import annotations
 
+import contextlib
+import types
+
+import jax
 import jax.numpy as jnp
+
+from moe_jax.kernels.interpret import kernel_target
 
 from moe_jax.kernels.shapes import pad_to_multiple as _pad
 from moe_jax.kernels.shapes import zero_rows_past_groups
@@ -42,5 +48,37 @@ def tgmm(lhs_MI, dout_MO, group_sizes_E, out_dtype, interpret: bool = False):
   live_M = (jnp.arange(M) < jnp.sum(group_sizes_E))[:, None]
   lhs = _pad(jnp.where(live_M, lhs_MI, 0), 1, _TGMM_BLOCKS["block_m"])
   dout = _pad(jnp.where(live_M, dout_MO, 0).astype(lhs_MI.dtype), 1, _TGMM_BLOCKS["block_n"])
-  out_EIO = transposed_ragged_dot_mgpu.transposed_ragged_dot(lhs, dout, group_sizes=group_sizes_E, **_TGMM_BLOCKS)
+  with _sm_count_of_target(transposed_ragged_dot_mgpu):
+    out_EIO = transposed_ragged_dot_mgpu.transposed_ragged_dot(lhs, dout, group_sizes=group_sizes_E, **_TGMM_BLOCKS)
   return out_EIO[:, :I, :O].astype(out_dtype)
+
+
+class _TargetDevices(types.ModuleType):
+  """`jax` as the kernel module sees it, except that `devices()[0].core_count` is the kernel target's SM count."""
+
+  def __init__(self, core_count: int):
+    super().__init__("jax")
+    self._device = types.SimpleNamespace(core_count=core_count)
+
+  def __getattr__(self, name):
+    return getattr(jax, name)
+
+  def devices(self, *args, **kwargs):
+    del args, kwargs
+    return [self._device]
+
+
+@contextlib.contextmanager
+def _sm_count_of_target(module):
+  """Upstream's transposed kernel sizes its persistent grid from `jax.devices()[0].core_count` while tracing: a
+  CPU device when compiling for an H100 from a CPU host (no such attribute), or the wrong GPU model. For the
+  trace only, the module sees the kernel target's SM count (moe_jax.kernels.interpret.kernel_target)."""
+  cores = kernel_target().core_count
+  if cores is None:
+    yield
+    return
+  module.jax = _TargetDevices(cores)
+  try:
+    yield
+  finally:
+    module.jax = jax

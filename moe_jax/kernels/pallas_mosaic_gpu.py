@@ -34,6 +34,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from moe_jax.kernels import layout as layout_lib
 from moe_jax.kernels import xla_tiled
+from moe_jax.kernels.interpret import kernel_target
 
 try:  # the GPU interpreter's parameters are not re-exported by every jax version
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as _InterpretParams
@@ -44,7 +45,7 @@ NUM_SMS = 132  # H100 SXM / H200; `_num_sms()` asks the device. A persistent gri
 
 
 def _num_sms() -> int:
-  return int(getattr(jax.devices()[0], "core_count", NUM_SMS) or NUM_SMS)
+  return kernel_target().core_count or NUM_SMS
 
 
 def _tile_gmm_kernel(group_gmem, live_gmem, lhs_gmem, rhs_gmem, out_gmem, *, tm: int, tn: int, tk: int,

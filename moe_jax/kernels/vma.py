@@ -22,17 +22,18 @@ def varying_axes(x) -> frozenset:
   return frozenset(getattr(aval, "vma", None) or ())
 
 
-def _cast(x, axes: frozenset):
-  missing = axes - varying_axes(x)
+def cast_varying(x, axes: frozenset):
+  """x cast to vary over `axes` too (a no-op for the axes it already varies over)."""
+  missing = frozenset(axes) - varying_axes(x)
   return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
 
 
 def match_varying(*xs):
   """Each of xs cast to vary over the union of their varying axes."""
   axes = frozenset().union(*(varying_axes(x) for x in xs))
-  return tuple(_cast(x, axes) for x in xs) if axes else xs
+  return tuple(cast_varying(x, axes) for x in xs) if axes else xs
 
 
 def zeros_varying(shape, dtype, *operands):
   """Zeros that vary over every axis any of `operands` varies over: a loop carry typed like the body's output."""
-  return _cast(jnp.zeros(shape, dtype), frozenset().union(*(varying_axes(x) for x in operands)))
+  return cast_varying(jnp.zeros(shape, dtype), frozenset().union(*(varying_axes(x) for x in operands)))

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.kernels import layout as layout_lib
+from moe_jax.kernels.interpret import kernel_platform
 from moe_jax.kernels.shapes import pad_to_multiple
 from moe_jax.kernels.vma import match_varying, zeros_varying
 
@@ -33,7 +34,7 @@ _FORCE_FORMULATION = None  # "loop" | "batched" to override the platform's choic
 
 
 def _formulation() -> str:
-  return _FORCE_FORMULATION or ("loop" if jax.default_backend() == "cpu" else "batched")
+  return _FORCE_FORMULATION or ("loop" if kernel_platform() == "cpu" else "batched")
 
 
 def _chunk_tiles(n_tiles: int, matrix_elems: int, itemsize: int) -> int:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moe_jax.kernels import capacity_layout, permute, rows_layout, unpermute
+from moe_jax.kernels import capacity_layout, permute, resolve_backend, rows_layout, unpermute
 from moe_jax.layers.dispatch import dropless_dispatch, expert_ffn_grouped
 from moe_jax.sharding import axis_names, batch_axes
 
@@ -73,6 +73,14 @@ def mesh_plan():
     raise ValueError(f"the 'expert' mesh axis {expert[0]!r} must also split the batch (rules map 'batch' to "
                      f"{batch}): the all-to-all exchanges tokens between the expert axis' devices")
   return batch, (expert[0] if expert else None), (tensor[0] if tensor else None), dict(mesh.shape)
+
+
+# Pallas TPU kernels whose pallas_call out_shapes carry no varying-axes type, which a checked shard_map refuses
+# ("manual_axis_type ... must not be None"). Their shard_map runs unchecked: its transpose then divides a
+# replicated output's cotangent by the axis size and psums a replicated input's cotangent over it, which is exact
+# for what `_local` does (psums of per-shard partial sums, all-to-alls, per-device matmuls); tested against the
+# one-device reference, values and gradients, in tests/sharding_worker.py.
+UNTYPED_KERNELS = ("megablox", "pallas_tpu")
 
 
 def _buffer_rows(copies: int, n: int, factor: float) -> int:
@@ -125,8 +133,10 @@ def sharded_dropless_dispatch(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_d
   tok = P(batch or None, None)
   w_in = P(expert_axis, None, tensor_axis)
   w_out = P(expert_axis, tensor_axis, None)
+  backend = resolve_backend(backend)
   fn = jax.shard_map(
       lambda *a: _local(*a, E=E, n=n, factor=capacity_factor, expert_axis=expert_axis, tensor_axis=tensor_axis,
                         batch_axes=batch, backend=backend),
-      in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=(tok, P()))
+      in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=(tok, P()),
+      check_vma=backend not in UNTYPED_KERNELS)
   return fn(x_TD, idx_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD)

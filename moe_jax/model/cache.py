@@ -20,10 +20,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from moe_jax.config import kv_heads, n_moe_layers, uses_indexer
 from moe_jax.layers.attention import KVCache, LatentCache
 from moe_jax.layers.base import as_dtype
+from moe_jax.sharding import split_of, traced_mesh_sizes
 
 GROUPS = ("dense_layers", "moe_layers")  # the main model's layer groups, in depth order
 
@@ -69,12 +71,25 @@ def with_length(cache: DecodeCache, length_B, mtp_length_B=None) -> DecodeCache:
 
 def write_entries(buf, new, start_B, batch_axis: int = 0):
   """Writes T new entries of each sequence at its own start slot: buf [..., B, S, ...], new [..., B, T, ...]
-  (a LatentCache or a KVCache)."""
+  (a LatentCache or a KVCache).
+
+  On a multi-device mesh each device writes its own rows (`jax.shard_map` over the batch axes): the per-row
+  update is a batched scatter, which XLA:GPU's SPMD partitioner (jaxlib 0.10) aborts on when the batch is
+  split ("Bounds of the window dimensions of updates must not exceed ..."); per shard there is nothing to
+  partition."""
   def one(b, n, s):  # under vmap the batch axis is gone and the slot axis sits where it was
     return jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=batch_axis)
 
-  write = jax.vmap(one, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)
-  return type(buf)(*(None if b is None else write(b, n, start_B) for b, n in zip(buf, new)))
+  def write_all(buf, new, start_B):
+    write = jax.vmap(one, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)
+    return type(buf)(*(None if b is None else write(b, n, start_B) for b, n in zip(buf, new)))
+
+  sizes = traced_mesh_sizes()
+  rows = split_of("batch", start_B.shape[0], sizes) if sizes else None
+  if rows is None:
+    return write_all(buf, new, start_B)
+  spec = P(*([None] * batch_axis + [rows]))
+  return jax.shard_map(write_all, in_specs=(spec, spec, P(rows)), out_specs=spec, check_vma=False)(buf, new, start_B)
 
 
 def append_layers(cache: DecodeCache, entries: dict, T: int) -> DecodeCache:

@@ -46,6 +46,14 @@ def axis_names(target) -> tuple[str, ...]:
   return () if target is None else (target,) if isinstance(target, str) else tuple(target)
 
 
+def dividing_axes(axes: Sequence[str], size: int, sizes: dict) -> tuple[str, ...]:
+  """The longest prefix of mesh `axes` whose product divides `size`: how far a dim of that size can be split."""
+  axes = tuple(axes)
+  while axes and size % math.prod(sizes[a] for a in axes):
+    axes = axes[:-1]
+  return axes
+
+
 def check_mesh_sizes(mesh_cfg: Any) -> None:
   """Each axis a positive integer or -1, and at most one -1 (no device count needed)."""
   for a in MESH_AXES:

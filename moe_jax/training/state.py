@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moe_jax.kernels.interpret import kernels_for
 from moe_jax.sharding import batch_axes, logical_shardings, param_specs
 from moe_jax.training.optimizer import decay_mask, make_optimizer, trainable_mask
 
@@ -43,8 +44,9 @@ def batch_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding:
 
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules: Sequence):
-  """The mesh and logical-axis rules a step is traced under (activation constraints, expert parallelism)."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  """The mesh and logical-axis rules a step is traced under (activation constraints, expert parallelism), and
+  kernels chosen for the mesh's devices (moe_jax.kernels.interpret.kernels_for), not the default backend's."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), kernels_for(mesh.devices.flat):
     yield
 
 
@@ -62,14 +64,8 @@ def _chosen(boxed: Any, train_cfg: Any, selection: Callable[[Any], Any] | None) 
   return None if trainable == "all" else trainable_mask(boxed, trainable)
 
 
-def create_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequence, seed: int,
-                       selection: Callable[[Any], Any] | None = None):
-  """(state, state shardings, optimizer). Parameters are initialised directly into their shardings.
-
-  `selection(boxed params)` says what trains (moe_jax.training.optimizer.restrict_to; a None result = everything);
-  without it, config.train.trainable does.
-  Raises ValueError naming the parameter and the mesh axes when a split dim is not divisible.
-  """
+def _state_init(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequence, selection):
+  """(init_fn rng -> TrainState, its abstract value's shardings, the optimizer): what creating a state needs."""
   dummy = jnp.zeros((1, 8), jnp.int32)
   boxed, specs = _abstract_params(model, mesh, rules)
   tx = make_optimizer(train_cfg, decay_mask(boxed), _chosen(boxed, train_cfg, selection))
@@ -80,9 +76,30 @@ def create_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequ
     return TrainState(step=jnp.zeros((), jnp.int32), tokens=jnp.zeros((), jnp.float32), params=params,
                       router_bias=variables.get("router", {}), opt_state=tx.init(params))
 
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
-  shardings = logical_shardings(abstract, specs, mesh)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  return init_fn, logical_shardings(abstract, specs, mesh), tx, abstract
+
+
+def create_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequence, seed: int,
+                       selection: Callable[[Any], Any] | None = None):
+  """(state, state shardings, optimizer). Parameters are initialised directly into their shardings.
+
+  `selection(boxed params)` says what trains (moe_jax.training.optimizer.restrict_to; a None result = everything);
+  without it, config.train.trainable does.
+  Raises ValueError naming the parameter and the mesh axes when a split dim is not divisible.
+  """
+  init_fn, shardings, tx, _ = _state_init(model, train_cfg, mesh, rules, selection)
   state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(seed))
+  return state, shardings, tx
+
+
+def abstract_train_state(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequence,
+                         selection: Callable[[Any], Any] | None = None):
+  """(state of jax.ShapeDtypeStructs carrying their shardings, state shardings, optimizer): what
+  `create_train_state` would make, with nothing allocated -- for compiling ahead of time on any mesh, including
+  one of compile-only devices (moe_jax.aot)."""
+  _, shardings, tx, abstract = _state_init(model, train_cfg, mesh, rules, selection)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return state, shardings, tx
 
 
