@@ -55,7 +55,7 @@ def compile_step(programs: Programs, step: str, target: Target) -> dict:
   return {"compiled": True, "compile_seconds": seconds, "memory": mem, "hbm_bytes": target.hbm_bytes,
           "fits": mem["total_bytes"] <= target.hbm_bytes, "flops": flops, "flops_source": source,
           "model_flops": model, "flops_ratio": (flops / model) if flops and model else None,
-          "matmul_flops": counted["flops"] or None, "kernel_custom_calls": counted["custom_calls"],
+          "kernel_custom_calls": counted["custom_calls"],
           "collectives": report.collectives(text)}
 
 
@@ -99,7 +99,10 @@ def format_row(step: str, row: dict) -> str:
            f"{_gib(row['hbm_bytes'])} HBM: {'fits' if row['fits'] else 'DOES NOT FIT'}"]
   if row["flops"] is not None:
     ratio = f" = {row['flops_ratio']:.2f} x the planner's {row['model_flops']:.3e}" if row["flops_ratio"] else ""
-    lines.append(f"    FLOPs per device: {row['flops']:.3e} ({row['flops_source']}){ratio}")
+    note = ("XLA:TPU's cost analysis; a loop body counted once" if row["flops_source"] == "xla_tpu_cost_analysis"
+            else "matmuls of the compiled HLO" + (f"; {row['kernel_custom_calls']} kernel calls not counted"
+                                                  if row["kernel_custom_calls"] else ""))
+    lines.append(f"    FLOPs per device: {row['flops']:.3e} ({note}){ratio}")
   coll = ", ".join(f"{k} {v['count']} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in row["collectives"].items())
   lines.append(f"    collectives: {coll or 'none'}")
   return "\n".join(lines)

@@ -6,12 +6,14 @@ optimised HLO, and FLOPs beside the planner's model FLOPs.
 - collectives: every all-reduce / all-gather / reduce-scatter / all-to-all / collective-permute (sync, or an async
   pair counted once at its -done) in the compiled module text, count and result bytes by kind. A static count: a
   loop's body (scanned layers, the decode loop) is counted once, however often it runs.
-- FLOPs per device: TPU -- XLA:TPU's cost analysis of the partitioned program (redundant work included);
-  GPU -- XLA:GPU reports none, so they are counted from the compiled per-device module: 2 x output elements x
-  contracted elements for every dot and ragged-dot (a ragged-dot at its useful cost, whatever XLA lowers it to).
-  Only matmuls count, and kernel custom calls (Mosaic GPU, cuDNN) count as zero: the ratio to the planner then
-  falls by their share. (The CPU backend's cost analysis of the unpartitioned program cannot serve: a shard_map
-  body is counted once at its per-device shape while everything else is global.)
+- FLOPs per device. TPU: XLA:TPU's cost analysis of the partitioned program (it prices the Pallas kernels'
+  custom calls and counts redundant work, but a while loop's body once: with scanned layers it is per layer stack
+  pass, not per step). GPU: XLA:GPU has none, so `matmul_flops` counts the compiled per-device module: 2 x output
+  elements x contracted elements of every dot and ragged-dot (the latter at its useful cost), through the call
+  graph, a loop body times its known trip count. Kernel custom calls (Mosaic GPU, cuDNN) count zero there: the
+  ratio to the planner falls by their share. (XLA:TPU writes its dots as convolutions, batched ones with window
+  tricks, so the same count does not carry over; and the CPU backend's analysis of the unpartitioned program
+  cannot serve: a shard_map body is counted once at its per-device shape while everything else is global.)
 """
 
 from __future__ import annotations
@@ -75,33 +77,65 @@ def _dims(shape: str) -> list[int]:
   return [int(d) for d in m.group(1).split(",") if d] if m else []
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")
+_CALLED = re.compile(r"(calls|body|to_apply|branch_computations|true_computation|false_computation)=\{?([^,}]+(?:,"
+                     r"\s*%[\w.\-]+)*)\}?")
+_TRIP = re.compile(r'known_trip_count"?\s*:\s*\{\s*"?n"?\s*:\s*"?(\d+)')
+
+
+def _dot_flops(shape: str, rest: str, shapes: dict) -> int:
+  lhs = re.match(r"\s*%([\w.\-]+)", rest)
+  contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+  if not lhs or lhs.group(1) not in shapes:
+    return 0
+  lhs_dims = _dims(shapes[lhs.group(1)])
+  k = 1
+  for i in (int(d) for d in contracting.group(1).split(",") if d) if contracting else ():
+    k *= lhs_dims[i]
+  n = 1
+  for d in _dims(shape):
+    n *= d
+  return 2 * n * k
+
+
 def matmul_flops(hlo_text: str) -> dict:
   """{"flops", "dots", "custom_calls"} of a compiled module's text: 2 x output elements x contracted elements summed
-  over every dot and ragged-dot (fusion bodies included; a loop body counted once), and how many kernel custom
-  calls it holds (their FLOPs are not counted)."""
-  shapes, dots, customs = {}, [], 0
+  over every dot and ragged-dot executed from the entry computation -- through fusions and calls once per call
+  site, a while loop's body times its known trip count (a scanned layer stack counts every layer) -- and how many
+  kernel custom calls it holds (their FLOPs are not counted)."""
+  shapes, comps, entry, current, customs, ndots = {}, {}, None, None, 0, 0
   for line in hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head:
+      current = head.group(1)
+      comps[current] = {"flops": 0, "calls": []}
+      if line.startswith("ENTRY"):
+        entry = current
+      continue
     m = _INSTR.match(line)
-    if not m:
+    if not m or current is None:
       continue
     name, shape, op, rest = m.groups()
     shapes[name] = shape
     if op in ("dot", "ragged-dot"):
-      dots.append((shape, rest))
+      comps[current].setdefault("dots", []).append((op, shape, rest))
+      ndots += 1
     elif op == "custom-call" and ("mosaic" in rest or "cudnn" in rest or "tpu_custom_call" in rest):
       customs += 1
-  flops = 0
-  for shape, rest in dots:
-    lhs = re.match(r"\s*%([\w.\-]+)", rest)
-    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-    if not lhs or lhs.group(1) not in shapes:
-      continue
-    lhs_dims = _dims(shapes[lhs.group(1)])
-    k = 1
-    for i in (int(d) for d in contracting.group(1).split(",") if d) if contracting else ():
-      k *= lhs_dims[i]
-    n = 1
-    for d in _dims(shape):
-      n *= d
-    flops += 2 * n * k
-  return {"flops": float(flops), "dots": len(dots), "custom_calls": customs}
+    trip = _TRIP.search(rest)
+    for kind, names in _CALLED.findall(rest):
+      times = int(trip.group(1)) if (op == "while" and kind == "body" and trip) else 1
+      comps[current]["calls"].extend((n.strip().lstrip("%"), times) for n in names.split(",") if n.strip())
+  for comp in comps.values():
+    comp["flops"] = sum(_dot_flops(shape, rest, shapes) for _, shape, rest in comp.pop("dots", []))
+  memo: dict = {}
+
+  def total(name: str, depth: int = 0) -> int:
+    if name not in comps or depth > 64:
+      return 0
+    if name not in memo:
+      memo[name] = comps[name]["flops"] + sum(times * total(c, depth + 1) for c, times in comps[name]["calls"])
+    return memo[name]
+
+  flops = total(entry) if entry else sum(c["flops"] for c in comps.values())
+  return {"flops": float(flops), "dots": ndots, "custom_calls": customs}

@@ -20,12 +20,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from moe_jax.config import kv_heads, n_moe_layers, uses_indexer
 from moe_jax.layers.attention import KVCache, LatentCache
 from moe_jax.layers.base import as_dtype
-from moe_jax.sharding import split_of, traced_mesh_sizes
 
 GROUPS = ("dense_layers", "moe_layers")  # the main model's layer groups, in depth order
 
@@ -71,25 +69,21 @@ def with_length(cache: DecodeCache, length_B, mtp_length_B=None) -> DecodeCache:
 
 def write_entries(buf, new, start_B, batch_axis: int = 0):
   """Writes T new entries of each sequence at its own start slot: buf [..., B, S, ...], new [..., B, T, ...]
-  (a LatentCache or a KVCache).
+  (a LatentCache or a KVCache); entries past the last slot are dropped.
 
-  On a multi-device mesh each device writes its own rows (`jax.shard_map` over the batch axes): the per-row
-  update is a batched scatter, which XLA:GPU's SPMD partitioner (jaxlib 0.10) aborts on when the batch is
-  split ("Bounds of the window dimensions of updates must not exceed ..."); per shard there is nothing to
-  partition."""
-  def one(b, n, s):  # under vmap the batch axis is gone and the slot axis sits where it was
-    return jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), s, axis=batch_axis)
+  One scatter with explicit (row, slot) indices: the per-row `dynamic_update_slice` under `vmap` became a scatter
+  with batching dims, on which XLA:GPU (jaxlib 0.10) fails when the batch is split over devices -- its SPMD
+  partitioner aborted the process, and inside shard_map its scatter normalisation rejected the update window
+  ("Bounds of the window dimensions of updates must not exceed ..."); XLA:TPU and XLA:CPU took either form."""
+  B = start_B.shape[0]
 
-  def write_all(buf, new, start_B):
-    write = jax.vmap(one, in_axes=(batch_axis, batch_axis, 0), out_axes=batch_axis)
-    return type(buf)(*(None if b is None else write(b, n, start_B) for b, n in zip(buf, new)))
+  def write(b, n):
+    rows_B1 = jnp.arange(B, dtype=jnp.int32)[:, None]
+    slots_BT = start_B[:, None] + jnp.arange(n.shape[batch_axis + 1], dtype=jnp.int32)[None, :]
+    at = (slice(None),) * batch_axis + (rows_B1, slots_BT)  # [..., B, T, ...]: the two index dims stay in place
+    return b.at[at].set(n.astype(b.dtype), indices_are_sorted=True, unique_indices=True, mode="drop")
 
-  sizes = traced_mesh_sizes()
-  rows = split_of("batch", start_B.shape[0], sizes) if sizes else None
-  if rows is None:
-    return write_all(buf, new, start_B)
-  spec = P(*([None] * batch_axis + [rows]))
-  return jax.shard_map(write_all, in_specs=(spec, spec, P(rows)), out_specs=spec, check_vma=False)(buf, new, start_B)
+  return type(buf)(*(None if b is None else write(b, n) for b, n in zip(buf, new)))
 
 
 def append_layers(cache: DecodeCache, entries: dict, T: int) -> DecodeCache:
