@@ -21,6 +21,7 @@ from experiments.framework.spec import SCALES
 from experiments.framework.sweep import ExperimentError, run_experiment
 from moe_jax.cli import fail
 from moe_jax.host_memory import keep_host_memory
+from moe_jax.platforms import prefer_cpu_without_accelerators
 from moe_jax.training.checkpoint import quiet_orbax_errors
 
 
@@ -42,6 +43,7 @@ def main(argv: list[str]) -> int:
     return 0
   if not args.name or not args.workdir:
     fail("give an experiment name and --workdir (python -m experiments.run --list shows the experiments)")
+  prefer_cpu_without_accelerators()  # no plugin noise before jax falls back to the CPU
   keep_host_memory()
   quiet_orbax_errors()
   try:

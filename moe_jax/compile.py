@@ -20,7 +20,6 @@ import sys
 # This program never runs anything on an accelerator: the host CPU traces and the compile-only devices compile.
 # (Without it jax's CUDA plugin refuses to load on a machine with no CUDA driver, and no H100 target is there.)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # XLA's INFO lines (the CUDA plugin's "no driver" notes)
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -20,6 +20,7 @@ from moe_jax.cli import fail, load_model_or_exit
 from moe_jax.data.tokenizer import BPETokenizer, save_published
 from moe_jax.interop import huggingface
 from moe_jax.restore import HF_PREFIX
+from moe_jax.platforms import prefer_cpu_without_accelerators
 
 DTYPES = ("float32", "bfloat16")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir (its newest checkpoint, or --step).")
@@ -32,6 +33,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a checkpoint already
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  prefer_cpu_without_accelerators()  # no plugin noise before jax falls back to the CPU
   logging.set_verbosity(logging.WARNING)  # Orbax logs its restore at INFO
   if _CHECKPOINT.value.startswith(HF_PREFIX):
     fail("--checkpoint is already in the published format; give a training workdir")

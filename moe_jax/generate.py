@@ -19,6 +19,7 @@ from absl import app, flags, logging
 
 from moe_jax.cli import load_model_or_exit
 from moe_jax.host_memory import keep_host_memory
+from moe_jax.platforms import prefer_cpu_without_accelerators
 from moe_jax.inference import Generator, Sampling
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, or hf:DIR for a published-format checkpoint.")
@@ -54,6 +55,7 @@ def _prompt_ids(tokenizer) -> list[int]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  prefer_cpu_without_accelerators()  # no plugin noise before jax falls back to the CPU
   keep_host_memory()  # before XLA's threads first allocate: no page faults per step
   logging.set_verbosity(logging.WARNING)  # Orbax logs its restore at INFO
   model = load_model_or_exit(_CHECKPOINT.value, _STEP.value)

@@ -17,6 +17,7 @@ from absl import app, flags, logging
 
 from moe_jax.cli import fail, load_model_or_exit
 from moe_jax.host_memory import keep_host_memory
+from moe_jax.platforms import prefer_cpu_without_accelerators
 from moe_jax.inference.scoring import evaluate_perplexity
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir, or hf:DIR with its tokenizer.json.")
@@ -59,6 +60,7 @@ def read_documents(path: str, text_field: str) -> list[bytes]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  prefer_cpu_without_accelerators()  # no plugin noise before jax falls back to the CPU
   keep_host_memory()  # before XLA's threads first allocate: no page faults per step
   logging.set_verbosity(logging.WARNING)
   try:

@@ -14,6 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from moe_jax.model.params import count_params
+from moe_jax.platforms import prefer_cpu_without_accelerators
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (uses config.model).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -31,6 +32,7 @@ def format_table(counts: dict) -> str:
 
 def main(argv):
   del argv
+  prefer_cpu_without_accelerators()  # no plugin noise before jax falls back to the CPU
   counts = count_params(_CONFIG.value.model)
   if _JSON.value:
     print(json.dumps({k: v for k, v in counts.items() if k != "components"} |

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 from moe_jax.cli import fail
 from moe_jax.data.packing import NoUsableDocuments
 from moe_jax.host_memory import keep_host_memory
+from moe_jax.platforms import prefer_cpu_without_accelerators
 from moe_jax.training import TrainingDiverged, train_and_evaluate
 from moe_jax.training.checkpoint import CheckpointsUnreadable, CheckpointWriteError, quiet_orbax_errors
 from moe_jax.training.workdir import ConfigMismatch, WorkdirInUse
@@ -32,6 +33,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  prefer_cpu_without_accelerators()  # no plugin noise before jax falls back to the CPU
   keep_host_memory()  # before XLA's threads first allocate: no page faults per step
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO; progress lines are printed instead
   quiet_orbax_errors()  # a failed save or restore is reported in one line below

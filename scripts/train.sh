@@ -12,9 +12,4 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e .
-# jax's CUDA plugin (installed by the test extra, for deviceless compilation) fails loudly at import on a machine
-# without a driver before jax falls back to the CPU: where there is no accelerator, ask for the CPU directly.
-if [ -z "${JAX_PLATFORMS:-}" ] && ! ls /dev/nvidia0 /dev/accel0 /dev/vfio/[0-9]* >/dev/null 2>&1; then
-  export JAX_PLATFORMS=cpu
-fi
 exec "$VENV/bin/python" -m moe_jax.train --config="${CONFIG:-configs/default.py}" --workdir="$WORKDIR" "$@"

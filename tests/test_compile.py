@@ -248,3 +248,18 @@ def test_cli_json_report_and_exit_status(devices):
   bad = subprocess.run([sys.executable, "-m", "moe_jax.compile", "--config=configs/debug.py", "--target=v5p-6"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
   assert bad.returncode == 2 and "ERROR: --target=v5p-6" in bad.stderr
+
+
+def test_entry_points_on_a_machine_without_accelerators_print_no_plugin_noise():
+  """The compilers this extra installs are jax plugins: with JAX_PLATFORMS unset, jax initialises them all and the
+  CUDA plugin and libtpu print tracebacks on a CPU-only machine. The entry points ask for the CPU there
+  (moe_jax.platforms), so a user's stderr holds only what moe_jax says."""
+  from moe_jax.platforms import has_accelerator
+
+  if has_accelerator():
+    pytest.skip("this machine has an accelerator")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  proc = subprocess.run([sys.executable, "-m", "moe_jax.summary", "--config=configs/debug.py", "--json"],
+                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert proc.returncode == 0 and json.loads(proc.stdout)["total_params"] > 0, proc.stderr[-2000:]
+  assert proc.stderr.strip() == "", proc.stderr[-2000:]

@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "moe_jax")
 # Bottom to top (README "Layering"); a module may import from its own rank and below.
-RANK = {"config": 0, "host_memory": 0, "kernels": 1, "sharding": 1, "layers": 2, "model": 3, "data": 4, "training": 4,
+RANK = {"config": 0, "host_memory": 0, "platforms": 0, "kernels": 1, "sharding": 1, "layers": 2, "model": 3, "data": 4, "training": 4,
         "inference": 4, "interop": 4, "planning": 4, "restore": 5, "cli": 5, "aot": 5, "train": 6, "generate": 6, "perplexity": 6,
         "summary": 6, "export": 6, "compile": 6}
 FORBIDDEN = {"inference": {"layers", "training"}, "data": {"training", "inference"}}
