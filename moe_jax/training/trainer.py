@@ -154,7 +154,7 @@ def _train_and_evaluate(config, workdir, mesh, rules, stop, log) -> dict:
   counts = count_params(config.model)
   log(f"model: {counts['total_params_with_mtp'] / 1e6:.2f}M parameters ({counts['active_params_with_mtp'] / 1e6:.2f}M "
       f"activated per token, MTP included); {config.model.n_routed_experts} routed experts, top-"
-      f"{config.model.num_experts_per_tok}; compute {config.model.dtype}, backend {jax.default_backend()}")
+      f"{config.model.num_experts_per_tok}; compute {config.model.dtype}, on {mesh.devices.flat[0].platform}")
   log(f"mesh: {' x '.join(f'{a}={n}' for a, n in mesh.shape.items())} over {jax.device_count()} devices in "
       f"{pcount} process(es)")
   ft = finetune_config(config)
