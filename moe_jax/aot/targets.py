@@ -21,6 +21,7 @@ import os
 import re
 
 from moe_jax.planning import ACCELERATORS, GiB
+from moe_jax.platforms import has_accelerator
 
 _SPECS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specs")
 
@@ -139,6 +140,9 @@ def _devices(platform: str, kind: str, topology: str, num_slices: int) -> tuple:
     # libtpu takes a machine-wide lock (/tmp/libtpu_lockfile) for the chips it drives; compile-only devices drive
     # none, so several compiling processes (test workers, a sweep) may load it side by side.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if not has_accelerator():  # not a TPU VM: say what libtpu would ask the (absent) metadata server, quietly
+      os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{kind}-{4 if TPU[kind].cores_per_chip == 1 else 8}")
+      os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     kwargs = {"chip_config_name": "megacore"} if TPU[kind].megacore else {}
     dims = [int(d) for d in topology.split(":")[1].split("x")] + [1]
     if dims[0] * dims[1] * dims[2] < 4:  # a slice smaller than libtpu's default host (2x2x1) is its own host
