@@ -221,6 +221,13 @@ def test_bad_targets_name_the_accepted_forms(name, error):
     parse_target(name)
 
 
+def test_a_batch_the_mesh_cannot_split_is_a_config_error_before_tracing(devices):
+  c = debug.get_config()
+  c.data.batch_size = 6  # v5p-8: 4 chips, all on `data`
+  with pytest.raises(ValueError, match=r"config\.data\.batch_size=6 is not divisible by the 4 ways"):
+    Programs(c, devices["tpu"])
+
+
 def test_targets_count_as_google_cloud_does():
   v5p = parse_target("v5p-64")
   assert (v5p.devices, v5p.topology, v5p.hosts) == (32, "v5p:2x4x4", 8)

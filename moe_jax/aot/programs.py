@@ -8,7 +8,6 @@ Each is built exactly as the trainer and the Generator build it (`make_train_ste
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Sequence
 
 import jax
@@ -21,10 +20,11 @@ from moe_jax.kernels.attention import resolve_attention
 from moe_jax.kernels.gmm import resolve_backend
 from moe_jax.kernels.interpret import kernels_for
 from moe_jax.model import Transformer
-from moe_jax.sharding import batch_axes, make_mesh, rules_of
+from moe_jax.sharding import make_mesh, rules_of
 from moe_jax.training import schedules
 from moe_jax.training.config import validate_config
-from moe_jax.training.state import abstract_train_state, batch_sharding, mesh_context
+from moe_jax.training.state import (abstract_train_state, batch_sharding, batch_ways, check_batch_split,
+                                    mesh_context)
 from moe_jax.training.step import make_eval_step, make_train_step
 
 STEPS = ("train", "eval", "generate")
@@ -57,17 +57,12 @@ class Programs:
     self.config, self.devices = config, list(devices)
     self.mesh: Mesh = make_mesh(config.mesh, self.devices)
     self.rules = rules_of(config.mesh)
-    split = math.prod(self.mesh.shape[a] for a in batch_axes(self.rules))
-    if config.data.batch_size % split:
-      raise ValueError(f"invalid config: config.data.batch_size={config.data.batch_size} is not divisible by the "
-                       f"{split} ways the batch is split (mesh {dict(self.mesh.shape)}, batch axes "
-                       f"{batch_axes(self.rules)})")
+    check_batch_split(config.data.batch_size, self.mesh, self.rules)
     self.kernels = resolved_kernels(config.model, self.devices)  # raises for a kernel the platform cannot run
     self.model = Transformer(config.model)
     self.prompt_len = prompt_len or config.data.seq_len
     self.new_tokens = new_tokens or config.data.seq_len
-    with kernels_for(self.devices):
-      self.state, self.shardings, self.tx = abstract_train_state(self.model, config.train, self.mesh, self.rules)
+    self.state, self.shardings, self.tx = abstract_train_state(self.model, config.train, self.mesh, self.rules)
 
   def _batch(self, rows: int, seq: int, sharding: NamedSharding) -> dict:
     keys = ("tokens", "segment_ids", "positions") + (("loss_mask",) if self.config.data.source == "sft_jsonl" else ())
@@ -104,7 +99,8 @@ class Programs:
     B, Pb, Nb = bucket(c.data.batch_size, 1), bucket(self.prompt_len), bucket(self.new_tokens)
     program = generation_program(inference_config(c.model), False, Nb)
     variables = {"params": self.state.params, "router": self.state.router_bias}
-    rows = batch_sharding(self.mesh, self.rules) if B % self._batch_ways() == 0 else NamedSharding(self.mesh, P())
+    rows = batch_sharding(self.mesh, self.rules) if B % batch_ways(self.mesh, self.rules) == 0 else NamedSharding(
+        self.mesh, P())
     rep = NamedSharding(self.mesh, P())
     sds = lambda shape, dtype, s=rep: jax.ShapeDtypeStruct(shape, dtype, sharding=s)  # noqa: E731
     args = (variables, sds((B, Pb), jnp.int32, rows), sds((B,), jnp.int32), sds((B,), jnp.bool_), sds((), jnp.int32),
@@ -112,6 +108,3 @@ class Programs:
             jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=rep))
     with mesh_context(self.mesh, self.rules):
       return program.lower(*args)
-
-  def _batch_ways(self) -> int:
-    return math.prod(self.mesh.shape[a] for a in batch_axes(self.rules))

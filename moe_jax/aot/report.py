@@ -69,12 +69,11 @@ def compiled_flops(compiled: Any) -> float | None:
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\((.*)$")
-_DIMS = re.compile(r"\[([\d,]*)\]")
 
 
 def _dims(shape: str) -> list[int]:
-  m = _DIMS.search(shape)
-  return [int(d) for d in m.group(1).split(",") if d] if m else []
+  m = _ARRAY.search(shape)
+  return [int(d) for d in m.group(2).split(",") if d] if m else []
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s*\(.*\{\s*$")

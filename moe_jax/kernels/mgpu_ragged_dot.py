@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.kernels.interpret import kernel_target
-
 from moe_jax.kernels.shapes import pad_to_multiple as _pad
 from moe_jax.kernels.shapes import zero_rows_past_groups
 

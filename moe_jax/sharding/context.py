@@ -1,6 +1,6 @@
 """The mesh and rules a program is being traced under (`jax.set_mesh` + `flax.linen.logical_axis_rules`), as the
 code that must place work per device reads them: library kernels run per shard inside `jax.shard_map`, since
-XLA's SPMD partitioner cannot split a custom call (and mis-partitions some batched scatters)."""
+XLA's SPMD partitioner cannot split a custom call."""
 
 from __future__ import annotations
 

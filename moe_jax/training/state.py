@@ -15,6 +15,7 @@ Every parameter is split by its logical axis names through the rules in `config.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -42,6 +43,19 @@ def batch_sharding(mesh: Mesh, rules: Sequence) -> NamedSharding:
   return NamedSharding(mesh, P(batch_axes(rules) or None))
 
 
+def batch_ways(mesh: Mesh, rules: Sequence) -> int:
+  """How many ways the rules split a batch's rows on `mesh` (data x fsdp x expert by default)."""
+  return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
+def check_batch_split(batch_size: int, mesh: Mesh, rules: Sequence) -> None:
+  """Raises naming config.data.batch_size, the mesh and the batch axes when the rows do not split evenly."""
+  split = batch_ways(mesh, rules)
+  if batch_size % split:
+    raise ValueError(f"invalid config: config.data.batch_size={batch_size} is not divisible by the {split} ways the "
+                     f"batch is split (mesh {dict(mesh.shape)}, batch axes {batch_axes(rules)})")
+
+
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules: Sequence):
   """The mesh and logical-axis rules a step is traced under (activation constraints, expert parallelism), and
@@ -52,7 +66,8 @@ def mesh_context(mesh: Mesh, rules: Sequence):
 
 def _abstract_params(model: nn.Module, mesh: Mesh, rules: Sequence):
   """(boxed abstract params, their specs) -- raises naming the parameter when a split dim is not divisible."""
-  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  with kernels_for(mesh.devices.flat):  # the model is traced with the kernels of the mesh it is created for
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
   return boxed, param_specs(boxed, rules, dict(mesh.shape))
 
 
@@ -71,7 +86,8 @@ def _state_init(model: nn.Module, train_cfg: Any, mesh: Mesh, rules: Sequence, s
   tx = make_optimizer(train_cfg, decay_mask(boxed), _chosen(boxed, train_cfg, selection))
 
   def init_fn(rng):
-    variables = nn.meta.unbox(model.init(rng, dummy))
+    with kernels_for(mesh.devices.flat):
+      variables = nn.meta.unbox(model.init(rng, dummy))
     params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), tokens=jnp.zeros((), jnp.float32), params=params,
                       router_bias=variables.get("router", {}), opt_state=tx.init(params))

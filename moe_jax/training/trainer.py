@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from typing import Any, Callable
@@ -31,7 +30,7 @@ from moe_jax.training.checkpoint import Checkpointer, abstract_like, write_json
 from moe_jax.training.config import validate_config
 from moe_jax.training.evaluate import compressor_bits_per_byte, evaluate, token_byte_lengths
 from moe_jax.training.metrics import MetricWriter, format_eta, read_jsonl, training_summary, truncate_jsonl
-from moe_jax.sharding import batch_axes, make_mesh, rules_of
+from moe_jax.sharding import make_mesh, rules_of
 from moe_jax.training.distributed import maybe_initialize
 from moe_jax.training import esft as esft_lib
 from moe_jax.training.finetune import (ESFT_METHODS, finetune_config, resolve_model_config, source_model_config,
@@ -39,7 +38,7 @@ from moe_jax.training.finetune import (ESFT_METHODS, finetune_config, resolve_mo
 from moe_jax.training.init_from import check_source, copy_source_tokenizer, initial_state
 from moe_jax.training.preemption import StopOnSignal
 from moe_jax.training.workdir import WorkdirLock, archive_run, check_resume
-from moe_jax.training.state import (batch_sharding, create_train_state, global_batch, replace_optimizer,
+from moe_jax.training.state import (batch_sharding, check_batch_split, create_train_state, global_batch, replace_optimizer,
                                     replicated_array)
 from moe_jax.training.step import make_eval_step, make_train_step
 
@@ -83,10 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log: Cal
     config = _with_checkpoint_model(config, workdir)
   maybe_initialize(config.mesh)
   mesh, rules = make_mesh(config.mesh), rules_of(config.mesh)
-  split = math.prod(mesh.shape[a] for a in batch_axes(rules))
-  if config.data.batch_size % split:
-    raise ValueError(f"invalid config: config.data.batch_size={config.data.batch_size} is not divisible by the "
-                     f"{split} ways the batch is split (mesh {dict(mesh.shape)}, batch axes {batch_axes(rules)})")
+  check_batch_split(config.data.batch_size, mesh, rules)
   os.makedirs(workdir, exist_ok=True)
   lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
   try:
